@@ -1,0 +1,58 @@
+//! Command-line front end: one module per subcommand, each with its own args struct.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub mod inspect;
+pub mod profile;
+pub mod run;
+
+#[derive(Parser, Debug)]
+#[command(name = "hypura", version, about = "Run GGUF models bigger than RAM by streaming weights from NVMe")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show a model's architecture, tensor roles and bytes by role and layer.
+    Inspect(inspect::InspectArgs),
+    /// Generate text from a prompt, or chat interactively.
+    Run(run::RunArgs),
+    /// Measure this machine (CPU, memory, disk, GPUs) and cache the result.
+    Profile(profile::ProfileArgs),
+}
+
+/// Logs go to stderr through tracing; the level comes from `HYPURA_LOG` (or `RUST_LOG`).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("HYPURA_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "warn".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Entry point: errors a user can cause are printed as one line, exit code 1.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Profile(a) => profile::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line, never a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Hypura: run GGUF models bigger than RAM by streaming weights from NVMe.
+//!
+//! The data path is the architecture:
+//! GGUF ([`gguf`]) → plan ([`scheduler`]) → pool → I/O ([`io`]) → ggml callback ([`engine`]).
+//! [`profiler`] measures the machine the plan is made for; [`cli`] is the front end.
+
+pub mod cli;
+pub mod engine;
+pub mod gguf;
+pub mod io;
+pub mod profiler;
+pub mod scheduler;
