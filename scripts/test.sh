@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: fetch the real test models, build, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+models/fetch.sh smollm2 gemma3
+export HYPURA_REQUIRE_MODELS=1
+cargo test --release --workspace -- --test-threads=1

@@ -1,0 +1,151 @@
+//! A llama.cpp context (KV cache, compute buffers) over a [`Model`].
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use anyhow::{anyhow, bail, Result};
+use hypura_sys as sys;
+
+use super::backend;
+use super::model::Model;
+
+/// The eval callback type llama.cpp calls per graph node (`cb_eval`).
+pub type EvalCallback = sys::ggml_backend_sched_eval_callback;
+
+/// Options for [`Context::new`].
+#[derive(Clone, Copy)]
+pub struct ContextOptions {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_threads: i32,
+    /// `cb_eval` and its user data (the streaming engine's hook), or none.
+    pub eval_callback: EvalCallback,
+    pub eval_user_data: *mut c_void,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut() }
+    }
+}
+
+/// An owned `llama_context`. Positions advance with every decoded token.
+pub struct Context<'m> {
+    ptr: NonNull<sys::llama_context>,
+    model: &'m Model,
+    n_ctx: u32,
+    n_batch: u32,
+    n_past: u32,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<'m> Context<'m> {
+    pub fn new(model: &'m Model, opts: ContextOptions) -> Result<Self> {
+        backend::init();
+        // SAFETY: plain constructor returning a struct by value.
+        let mut p = unsafe { sys::llama_context_default_params() };
+        p.n_ctx = opts.n_ctx;
+        p.n_batch = opts.n_batch;
+        p.n_ubatch = opts.n_batch;
+        p.n_seq_max = 1;
+        p.n_threads = opts.n_threads;
+        p.n_threads_batch = opts.n_threads;
+        p.cb_eval = opts.eval_callback;
+        p.cb_eval_user_data = opts.eval_user_data;
+        p.no_perf = true;
+        // SAFETY: model is live for 'm, params fully initialised.
+        let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), p) };
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            anyhow!(
+                "could not create a context of {} tokens: {}",
+                opts.n_ctx,
+                backend::take_last_error().unwrap_or_else(|| "out of memory?".into())
+            )
+        })?;
+        // SAFETY: live context.
+        let n_ctx = unsafe { sys::llama_n_ctx(ptr.as_ptr()) };
+        Ok(Context { ptr, model, n_ctx, n_batch: opts.n_batch.max(1), n_past: 0, _not_send: PhantomData })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Context size in tokens.
+    pub fn n_ctx(&self) -> u32 {
+        self.n_ctx
+    }
+
+    /// Tokens in the KV cache.
+    pub fn n_past(&self) -> u32 {
+        self.n_past
+    }
+
+    /// Decodes `tokens` after what is already in the KV cache, in batches of
+    /// at most `n_batch`; afterwards [`Context::logits`] holds the logits of
+    /// the last token.
+    pub fn decode(&mut self, tokens: &[i32]) -> Result<()> {
+        if tokens.is_empty() {
+            bail!("nothing to decode");
+        }
+        let room = self.n_ctx.saturating_sub(self.n_past) as usize;
+        if tokens.len() > room {
+            bail!(
+                "context full: {} tokens in the cache, {} more do not fit in --ctx {}",
+                self.n_past,
+                tokens.len(),
+                self.n_ctx
+            );
+        }
+        for chunk in tokens.chunks(self.n_batch as usize) {
+            // llama_batch_get_one takes a mutable pointer but does not write.
+            let mut owned: Vec<i32> = chunk.to_vec();
+            // SAFETY: `owned` outlives the decode call; the batch only
+            // references it. Positions come from the context's memory.
+            let rc = unsafe {
+                let batch = sys::llama_batch_get_one(owned.as_mut_ptr(), owned.len() as i32);
+                sys::llama_decode(self.ptr.as_ptr(), batch)
+            };
+            match rc {
+                0 => {}
+                1 => bail!("decode failed: no KV cache slot for {} tokens (raise --ctx)", chunk.len()),
+                2 => bail!("decode aborted"),
+                _ => bail!(
+                    "decode failed ({rc}): {}",
+                    backend::take_last_error().unwrap_or_else(|| "see HYPURA_LOG=debug".into())
+                ),
+            }
+            self.n_past += chunk.len() as u32;
+        }
+        Ok(())
+    }
+
+    /// Logits of the last decoded token (length = vocabulary size).
+    pub fn logits(&self) -> &[f32] {
+        let n = self.model.n_vocab();
+        // SAFETY: after a successful decode, index -1 is the last output row of
+        // n_vocab floats, valid until the next decode (which needs &mut self).
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), -1);
+            if p.is_null() {
+                return &[];
+            }
+            std::slice::from_raw_parts(p, n)
+        }
+    }
+
+    /// Forgets everything in the KV cache.
+    pub fn clear(&mut self) {
+        // SAFETY: live context.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) };
+        self.n_past = 0;
+    }
+}
+
+impl Drop for Context<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the context.
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}
