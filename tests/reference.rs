@@ -26,7 +26,10 @@ struct Reference {
 
 /// Greedy generation with plain llama.cpp calls (default model params).
 fn reference_run(path: &Path, prompt: &str) -> Reference {
+    unsafe extern "C" fn quiet(_: sys::ggml_log_level, _: *const std::os::raw::c_char, _: *mut std::os::raw::c_void) {}
     unsafe {
+        sys::llama_log_set(Some(quiet), std::ptr::null_mut());
+        sys::ggml_log_set(Some(quiet), std::ptr::null_mut());
         sys::ggml_backend_load_all();
         sys::llama_backend_init();
         let cpath = CString::new(path.to_str().unwrap()).unwrap();

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod gen;
 pub mod inspect;
 pub mod profile;
 pub mod run;
@@ -23,6 +24,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Measure this machine (CPU, memory, disk, GPUs) and cache the result.
     Profile(profile::ProfileArgs),
+    /// Write a synthetic GGUF model with random weights (llama, qwen3moe, mixtral).
+    Gen(gen::GenArgs),
 }
 
 /// Logs go to stderr through tracing; the level comes from `HYPURA_LOG` (or `RUST_LOG`).
@@ -30,11 +33,13 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("HYPURA_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "warn".to_string());
+        .unwrap_or_else(|_| "warn,llama=error".to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_target(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -46,6 +51,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Run(a) => run::run(a),
         Command::Profile(a) => profile::run(a),
+        Command::Gen(a) => gen::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,7 +42,8 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         progress: true,
     };
     let (p, cached) = profiler::load_or_measure_with(args.force, &opts)?;
-    let cache = profiler::cache_file().map_or_else(|| "(no cache dir)".to_string(), |p| p.display().to_string());
+    let cache = profiler::cache_file()
+        .map_or_else(|| "(no cache dir)".to_string(), |p| p.display().to_string());
     if cached {
         eprintln!("cached profile {cache} (use --force to measure again)");
     } else {

@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// System message for --interactive.
     #[arg(long, requires = "interactive")]
     pub system: Option<String>,
+    /// Chat template for --interactive when the model has none: a name
+    /// llama.cpp knows (chatml, llama3, gemma, phi3, ...) or a Jinja-like string.
+    #[arg(long, requires = "interactive")]
+    pub chat_template: Option<String>,
     /// Tokens to generate (per chat turn with --interactive).
     #[arg(short = 'n', long, default_value_t = 256)]
     pub max_tokens: usize,
@@ -104,7 +108,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
 
     let stats = if args.interactive {
-        chat(&model, &mut ctx, &mut sampler, &args, logits_out.as_mut())?
+        chat(&model, gguf.architecture().unwrap_or(""), &mut ctx, &mut sampler, &args, logits_out.as_mut())?
     } else {
         let prompt = args.prompt.as_deref().unwrap_or_default();
         let tokens = model.tokenize(prompt, true, false)?;
@@ -157,14 +161,13 @@ pub fn load_with_progress(path: &Path, load_mode: LoadMode, repack: bool) -> Res
 /// part not yet in the KV cache is prefilled each turn.
 fn chat(
     model: &Model,
+    arch: &str,
     ctx: &mut Context<'_>,
     sampler: &mut Sampler,
     args: &RunArgs,
     mut logits_out: Option<&mut LogitsWriter>,
 ) -> Result<GenStats> {
-    let template = model
-        .chat_template()
-        .context("this model has no chat template; use --prompt instead of --interactive")?;
+    let template = pick_chat_template(model, args.chat_template.as_deref(), arch)?;
     let mut messages: Vec<(String, String)> = Vec::new();
     if let Some(sys) = &args.system {
         messages.push(("system".into(), sys.clone()));
@@ -213,4 +216,28 @@ fn chat(
         prev_len = model.apply_chat_template(&template, &messages, false)?.len();
     }
     Ok(total)
+}
+
+/// The template to chat with: the user's, else the model's own, else the
+/// built-in template llama.cpp has for the architecture's family.
+fn pick_chat_template(model: &Model, user: Option<&str>, arch: &str) -> Result<String> {
+    let probe = [("user".to_string(), "hi".to_string())];
+    if let Some(t) = user {
+        model
+            .apply_chat_template(t, &probe, true)
+            .with_context(|| format!("--chat-template {t:?} is not a template llama.cpp supports"))?;
+        return Ok(t.to_string());
+    }
+    if let Some(t) = model.chat_template() {
+        return Ok(t);
+    }
+    // The family is the architecture without its version digits (gemma3 -> gemma).
+    let family = arch.trim_end_matches(|c: char| c.is_ascii_digit());
+    for cand in [arch, family, "chatml"] {
+        if !cand.is_empty() && model.apply_chat_template(cand, &probe, true).is_ok() {
+            tracing::warn!("the model has no chat template; using llama.cpp's built-in '{cand}' template");
+            return Ok(cand.to_string());
+        }
+    }
+    bail!("this model has no chat template; pass --chat-template NAME or use --prompt")
 }

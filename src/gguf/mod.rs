@@ -9,6 +9,7 @@ mod arch;
 mod error;
 mod reader;
 mod roles;
+pub mod synth;
 mod tensor;
 mod types;
 mod value;

@@ -1,10 +1,7 @@
 //! What a tensor is for, from its llama.cpp name (`blk.N.ffn_up.weight`).
 
-use serde::Serialize;
-
 /// The part of the model a tensor belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TensorRole {
     /// `token_embd`: the input embedding table.
     TokenEmbedding,
@@ -83,6 +80,13 @@ impl TensorRole {
             Router => "router",
             Other => "other",
         }
+    }
+}
+
+impl serde::Serialize for TensorRole {
+    /// Serialised as [`TensorRole::label`].
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.label())
     }
 }
 

@@ -10,7 +10,12 @@ pub enum IoError {
          (truncated or replaced while open?)",
         file.display()
     )]
-    ShortRead { file: PathBuf, offset: u64, expected: usize, got: usize },
+    ShortRead {
+        file: PathBuf,
+        offset: u64,
+        expected: usize,
+        got: usize,
+    },
 
     /// EIO from the device.
     #[error("I/O error (EIO) reading {} at offset {offset}", file.display())]
@@ -22,10 +27,17 @@ pub enum IoError {
 
     /// Any other errno from a read (EINTR and EAGAIN are retried, never reported).
     #[error("reading {} at offset {offset}: {source}", file.display())]
-    Read { file: PathBuf, offset: u64, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        offset: u64,
+        source: std::io::Error,
+    },
 
     #[error("opening {}: {source}", file.display())]
-    Open { file: PathBuf, source: std::io::Error },
+    Open {
+        file: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A malformed request (alignment, capacity, unknown file); nothing was queued.
     #[error("invalid read request: {0}")]
@@ -61,7 +73,11 @@ impl IoError {
         match errno {
             libc::EIO => IoError::Eio { file, offset },
             libc::ENOMEM => IoError::NoMemory { file, offset },
-            e => IoError::Read { file, offset, source: std::io::Error::from_raw_os_error(e) },
+            e => IoError::Read {
+                file,
+                offset,
+                source: std::io::Error::from_raw_os_error(e),
+            },
         }
     }
 }

@@ -32,7 +32,10 @@ pub(crate) fn open_read(
     simulate: &Simulate,
     fallbacks: &mut Vec<String>,
 ) -> Result<OpenedFile, IoError> {
-    let open_err = |source| IoError::Open { file: path.to_path_buf(), source };
+    let open_err = |source| IoError::Open {
+        file: path.to_path_buf(),
+        source,
+    };
     let buffered = || OpenOptions::new().read(true).open(path);
 
     let (file, is_direct) = if !direct {
@@ -55,7 +58,12 @@ pub(crate) fn open_read(
         }
     };
     let len = file.metadata().map_err(open_err)?.len();
-    Ok(OpenedFile { path: path.to_path_buf(), file, direct: is_direct, len })
+    Ok(OpenedFile {
+        path: path.to_path_buf(),
+        file,
+        direct: is_direct,
+        len,
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -64,7 +72,10 @@ fn open_direct(path: &Path, simulate: &Simulate) -> std::io::Result<File> {
     if simulate.direct_refused {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
-    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
     // Some filesystems accept O_DIRECT at open and refuse the reads; find out now.
     if f.metadata()?.len() > 0 {
         let mut probe = super::AlignedBuf::new(ALIGN)?;

@@ -102,7 +102,9 @@ impl std::str::FromStr for Backend {
             "auto" => Ok(Backend::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
             "pread" => Ok(Backend::Pread),
-            other => Err(format!("unknown I/O backend `{other}` (auto, uring, pread)")),
+            other => Err(format!(
+                "unknown I/O backend `{other}` (auto, uring, pread)"
+            )),
         }
     }
 }
@@ -225,7 +227,9 @@ pub struct Completion {
 impl Completion {
     /// The requested bytes, for requests made with [`ReadBackend::submit_owned`].
     pub fn bytes(&self) -> Option<&[u8]> {
-        self.buf.as_ref().map(|b| &b.as_slice()[self.data_offset..self.data_offset + self.len])
+        self.buf
+            .as_ref()
+            .map(|b| &b.as_slice()[self.data_offset..self.data_offset + self.len])
     }
 
     /// Gives the buffer of a [`ReadBackend::submit_owned`] request back.
@@ -303,7 +307,13 @@ pub trait ReadBackend: Send {
         len: usize,
         buf: &mut AlignedBuf,
     ) -> Result<std::ops::Range<usize>, IoError> {
-        let req = ReadRequest { file, file_offset, len, dst: buf.as_mut_ptr(), dst_cap: buf.len() };
+        let req = ReadRequest {
+            file,
+            file_offset,
+            len,
+            dst: buf.as_mut_ptr(),
+            dst_cap: buf.len(),
+        };
         // SAFETY: `buf` is mutably borrowed until we return, and we return only after the
         // request is collected (on a submit error nothing was queued).
         let t = unsafe { self.submit(req)? };
@@ -355,7 +365,7 @@ fn validate_options(o: &IoOptions) -> Result<(), IoError> {
     if o.queue_depth == 0 || o.queue_depth > 1024 {
         return bad("queue_depth must be in 1..=1024");
     }
-    if o.chunk_size == 0 || o.chunk_size % ALIGN != 0 || o.chunk_size > (1 << 30) {
+    if o.chunk_size == 0 || !o.chunk_size.is_multiple_of(ALIGN) || o.chunk_size > (1 << 30) {
         return bad("chunk_size must be a non-zero multiple of 4096, at most 1 GiB");
     }
     if o.max_requests == 0 || o.max_requests > (1 << 24) {

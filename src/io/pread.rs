@@ -35,9 +35,21 @@ impl PreadReader {
             fixed_buffers: false,
             fallbacks,
         };
-        let table = Table::new(opts.max_requests, opts.chunk_size, FileEntry { opened: first, fixed: None });
+        let table = Table::new(
+            opts.max_requests,
+            opts.chunk_size,
+            FileEntry {
+                opened: first,
+                fixed: None,
+            },
+        );
         let shared = Arc::new(Shared::new(table));
-        let mut reader = PreadReader { shared, workers: Vec::with_capacity(opts.queue_depth), info, opts: opts.clone() };
+        let mut reader = PreadReader {
+            shared,
+            workers: Vec::with_capacity(opts.queue_depth),
+            info,
+            opts: opts.clone(),
+        };
         for i in 0..opts.queue_depth {
             let sh = reader.shared.clone();
             let h = std::thread::Builder::new()
@@ -78,7 +90,7 @@ pub(crate) fn read_chunk(ch: &Chunk) -> ChunkResult {
             break ChunkResult::Full;
         }
         // A direct read that ended off a block boundary hit EOF; reading on would be EINVAL.
-        if ch.direct && done % ALIGN != 0 {
+        if ch.direct && !done.is_multiple_of(ALIGN) {
             break ChunkResult::Eof(ch.off + done as u64);
         }
         let want = ch.len - done;
@@ -86,7 +98,12 @@ pub(crate) fn read_chunk(ch: &Chunk) -> ChunkResult {
         // submitter keeps valid and untouched until the request is collected; this thread is
         // the only writer of this chunk.
         let n = unsafe {
-            libc::pread(ch.fd, ch.dst.add(done).cast(), want, (ch.off + done as u64) as libc::off_t)
+            libc::pread(
+                ch.fd,
+                ch.dst.add(done).cast(),
+                want,
+                (ch.off + done as u64) as libc::off_t,
+            )
         };
         if n > 0 {
             done += n as usize;
@@ -94,12 +111,17 @@ pub(crate) fn read_chunk(ch: &Chunk) -> ChunkResult {
         } else if n == 0 {
             break ChunkResult::Eof(ch.off + done as u64);
         } else {
-            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
             if (errno == libc::EINTR || errno == libc::EAGAIN) && retries < 1000 {
                 retries += 1;
                 continue;
             }
-            break ChunkResult::Err { errno, offset: ch.off + done as u64 };
+            break ChunkResult::Err {
+                errno,
+                offset: ch.off + done as u64,
+            };
         }
     };
     if !ch.direct {
@@ -121,7 +143,10 @@ impl ReadBackend for PreadReader {
         if g.table.files.len() >= MAX_FILES {
             return Err(IoError::TooManyFiles(MAX_FILES));
         }
-        g.table.files.push(FileEntry { opened, fixed: None });
+        g.table.files.push(FileEntry {
+            opened,
+            fixed: None,
+        });
         Ok(FileId((g.table.files.len() - 1) as u16))
     }
 
@@ -145,7 +170,13 @@ impl ReadBackend for PreadReader {
         len: usize,
         mut buf: AlignedBuf,
     ) -> Result<Ticket, IoError> {
-        let req = ReadRequest { file, file_offset, len, dst: buf.as_mut_ptr(), dst_cap: buf.len() };
+        let req = ReadRequest {
+            file,
+            file_offset,
+            len,
+            dst: buf.as_mut_ptr(),
+            dst_cap: buf.len(),
+        };
         submit_inner(&self.shared, &req, Some(buf), self.opts.queue_depth)
     }
 

@@ -113,7 +113,7 @@ pub(crate) struct Table {
 impl Table {
     pub fn new(max_requests: usize, chunk_size: usize, first: FileEntry) -> Table {
         assert!(max_requests > 0 && max_requests <= u32::MAX as usize);
-        assert!(chunk_size > 0 && chunk_size % ALIGN == 0);
+        assert!(chunk_size > 0 && chunk_size.is_multiple_of(ALIGN));
         let mut slots = Vec::with_capacity(max_requests);
         slots.resize_with(max_requests, Slot::empty);
         let free = (0..max_requests as u32).rev().collect();
@@ -142,7 +142,11 @@ impl Table {
         if req.file.0 as usize >= self.files.len() {
             return Err(IoError::InvalidRequest("unknown file id"));
         }
-        if req.file_offset.checked_add(req.len as u64 + ALIGN as u64).is_none() {
+        if req
+            .file_offset
+            .checked_add(req.len as u64 + ALIGN as u64)
+            .is_none()
+        {
             return Err(IoError::InvalidRequest("offset + len overflows"));
         }
         if req.len == 0 {
@@ -151,7 +155,7 @@ impl Table {
         if req.dst.is_null() {
             return Err(IoError::InvalidRequest("null destination"));
         }
-        if req.dst as usize % ALIGN != 0 {
+        if !(req.dst as usize).is_multiple_of(ALIGN) {
             return Err(IoError::InvalidRequest("destination not 4096-aligned"));
         }
         if req.dst_cap < slot_len_for(req.file_offset, req.len) {
@@ -163,10 +167,16 @@ impl Table {
     }
 
     /// Queues a request. On error the owned buffer is dropped and nothing is queued.
-    pub fn insert(&mut self, req: &ReadRequest, owned: Option<AlignedBuf>) -> Result<Ticket, IoError> {
+    pub fn insert(
+        &mut self,
+        req: &ReadRequest,
+        owned: Option<AlignedBuf>,
+    ) -> Result<Ticket, IoError> {
         self.validate(req)?;
         let Some(idx) = self.free.pop() else {
-            return Err(IoError::QueueFull { capacity: self.slots.len() });
+            return Err(IoError::QueueFull {
+                capacity: self.slots.len(),
+            });
         };
         let s = &mut self.slots[idx as usize];
         debug_assert_eq!(s.state, State::Free);
@@ -192,7 +202,10 @@ impl Table {
         } else {
             s.state = State::Done;
         }
-        Ok(Ticket { slot: idx, gen: s.gen })
+        Ok(Ticket {
+            slot: idx,
+            gen: s.gen,
+        })
     }
 
     /// The next chunk to read, in submission order.
@@ -233,7 +246,10 @@ impl Table {
         debug_assert!(self.chunks_inflight > 0);
         self.chunks_inflight -= 1;
         let s = &mut self.slots[ch.slot as usize];
-        assert!(s.gen == ch.gen && s.state == State::Active && s.inflight > 0, "chunk of a dead request");
+        assert!(
+            s.gen == ch.gen && s.state == State::Active && s.inflight > 0,
+            "chunk of a dead request"
+        );
         s.inflight -= 1;
         let stop = match r {
             ChunkResult::Full => false,
@@ -276,7 +292,10 @@ impl Table {
 
     /// Collects `t` if complete: `Ok(None)` while in flight.
     pub fn take(&mut self, t: Ticket) -> Result<Option<Result<Completion, IoError>>, IoError> {
-        let s = self.slots.get_mut(t.slot as usize).ok_or(IoError::BadTicket)?;
+        let s = self
+            .slots
+            .get_mut(t.slot as usize)
+            .ok_or(IoError::BadTicket)?;
         if s.gen != t.gen || s.state == State::Free {
             return Err(IoError::BadTicket);
         }
@@ -289,7 +308,9 @@ impl Table {
         let result = if let Some((errno, offset)) = s.err {
             Err(IoError::from_errno(path(), offset, errno))
         } else if s.cancelled {
-            Err(IoError::Engine("request cancelled: the reader is shutting down".into()))
+            Err(IoError::Engine(
+                "request cancelled: the reader is shutting down".into(),
+            ))
         } else if s.eof < required_end {
             Err(IoError::ShortRead {
                 file: path(),
@@ -367,7 +388,9 @@ impl Shared {
     }
 
     pub fn lock(&self) -> Result<MutexGuard<'_, Core>, IoError> {
-        self.core.lock().map_err(|_| IoError::Engine("an I/O thread panicked".into()))
+        self.core
+            .lock()
+            .map_err(|_| IoError::Engine("an I/O thread panicked".into()))
     }
 
     /// Locks even if a thread panicked while holding the lock (for shutdown paths).
@@ -384,7 +407,10 @@ impl Shared {
             if let Some(f) = &g.fatal {
                 return Err(IoError::Engine(f.clone()));
             }
-            g = self.done.wait(g).map_err(|_| IoError::Engine("an I/O thread panicked".into()))?;
+            g = self
+                .done
+                .wait(g)
+                .map_err(|_| IoError::Engine("an I/O thread panicked".into()))?;
         }
     }
 

@@ -86,7 +86,10 @@ impl UringReader {
             fixed_buffers: false,
             fallbacks: std::mem::take(fallbacks),
         };
-        let entry = FileEntry { opened: first, fixed: fixed_files.then_some(0) };
+        let entry = FileEntry {
+            opened: first,
+            fixed: fixed_files.then_some(0),
+        };
         let table = Table::new(opts.max_requests, opts.chunk_size, entry);
         let shared = Arc::new(Shared::new(table));
         let sh = shared.clone();
@@ -97,7 +100,13 @@ impl UringReader {
             .name("hypura-uring".into())
             .spawn(move || Driver::new(ring, sh, wake_fd, qd, simulate_reg_fail).run())
             .expect("spawning the io_uring driver thread");
-        UringReader { shared, driver: Some(driver), wake, info, opts: opts.clone() }
+        UringReader {
+            shared,
+            driver: Some(driver),
+            wake,
+            info,
+            opts: opts.clone(),
+        }
     }
 
     fn kick(&self) {
@@ -120,11 +129,19 @@ impl UringReader {
             if let Some(f) = &g.fatal {
                 return Err(IoError::Engine(f.clone()));
             }
-            g = self.shared.done.wait(g).map_err(|_| IoError::Engine("io_uring driver panicked".into()))?;
+            g = self
+                .shared
+                .done
+                .wait(g)
+                .map_err(|_| IoError::Engine("io_uring driver panicked".into()))?;
         }
     }
 
-    fn submit_inner(&mut self, req: &ReadRequest, owned: Option<AlignedBuf>) -> Result<Ticket, IoError> {
+    fn submit_inner(
+        &mut self,
+        req: &ReadRequest,
+        owned: Option<AlignedBuf>,
+    ) -> Result<Ticket, IoError> {
         let mut g = self.shared.lock()?;
         if let Some(f) = &g.fatal {
             return Err(IoError::Engine(f.clone()));
@@ -148,7 +165,10 @@ fn setup(first: &OpenedFile, opts: &IoOptions) -> std::io::Result<(IoUring, File
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     if !probe.is_supported(opcode::Read::CODE) || !probe.is_supported(opcode::ReadFixed::CODE) {
-        return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "kernel lacks IORING_OP_READ"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "kernel lacks IORING_OP_READ",
+        ));
     }
     // SAFETY: plain syscall; the result is checked before use.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -176,11 +196,17 @@ impl ReadBackend for UringReader {
             if g.table.files.len() >= MAX_FILES {
                 return Err(IoError::TooManyFiles(MAX_FILES));
             }
-            g.table.files.push(FileEntry { opened, fixed: None });
+            g.table.files.push(FileEntry {
+                opened,
+                fixed: None,
+            });
             g.table.files.len() - 1
         };
         if self.info.fixed_files {
-            if let Ok(Ok(_)) = self.control(Control::RegisterFile { index: index as u32, fd }) {
+            if let Ok(Ok(_)) = self.control(Control::RegisterFile {
+                index: index as u32,
+                fd,
+            }) {
                 self.shared.lock()?.table.files[index].fixed = Some(index as u32);
             }
         }
@@ -206,7 +232,10 @@ impl ReadBackend for UringReader {
             }
         }
         let result = if pieces.len() > MAX_FIXED_BUFS {
-            Err(std::io::Error::new(std::io::ErrorKind::OutOfMemory, "more than 1024 GiB of buffers"))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "more than 1024 GiB of buffers",
+            ))
         } else {
             self.control(Control::RegisterBuffers(pieces))?
         };
@@ -238,7 +267,13 @@ impl ReadBackend for UringReader {
         len: usize,
         mut buf: AlignedBuf,
     ) -> Result<Ticket, IoError> {
-        let req = ReadRequest { file, file_offset, len, dst: buf.as_mut_ptr(), dst_cap: buf.len() };
+        let req = ReadRequest {
+            file,
+            file_offset,
+            len,
+            dst: buf.as_mut_ptr(),
+            dst_cap: buf.len(),
+        };
         self.submit_inner(&req, Some(buf))
     }
 
@@ -290,7 +325,13 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(ring: IoUring, shared: Arc<Shared>, wake_fd: RawFd, qd: usize, simulate_reg_fail: bool) -> Driver {
+    fn new(
+        ring: IoUring,
+        shared: Arc<Shared>,
+        wake_fd: RawFd,
+        qd: usize,
+        simulate_reg_fail: bool,
+    ) -> Driver {
         let mut ops = Vec::with_capacity(qd);
         ops.resize_with(qd, || None);
         let cq_cap = ring.params().cq_entries() as usize;
@@ -320,10 +361,17 @@ impl Driver {
             }
             if !quiesce {
                 while let Some(&opi) = self.free_ops.last() {
-                    let Some(ch) = g.table.next_chunk() else { break };
+                    let Some(ch) = g.table.next_chunk() else {
+                        break;
+                    };
                     self.free_ops.pop();
                     let fixed_buf = self.lookup_fixed(ch.dst as usize, ch.len);
-                    self.ops[opi as usize] = Some(Op { chunk: ch, done: 0, retries: 0, fixed_buf });
+                    self.ops[opi as usize] = Some(Op {
+                        chunk: ch,
+                        done: 0,
+                        retries: 0,
+                        fixed_buf,
+                    });
                     self.push_op(opi);
                     self.inflight += 1;
                 }
@@ -392,14 +440,16 @@ impl Driver {
                 continue;
             }
             let opi = ud as u32;
-            let op = self.ops[opi as usize].as_mut().expect("completion of an idle op");
+            let op = self.ops[opi as usize]
+                .as_mut()
+                .expect("completion of an idle op");
             let outcome = if res >= 0 {
                 let n = res as usize;
                 op.done += n;
                 debug_assert!(op.done <= op.chunk.len);
                 if op.done >= op.chunk.len {
                     Some(ChunkResult::Full)
-                } else if n == 0 || (op.chunk.direct && op.done % ALIGN != 0) {
+                } else if n == 0 || (op.chunk.direct && !op.done.is_multiple_of(ALIGN)) {
                     Some(ChunkResult::Eof(op.chunk.off + op.done as u64))
                 } else {
                     None // short read: continue with the rest
@@ -410,7 +460,10 @@ impl Driver {
                     op.retries += 1;
                     None
                 } else {
-                    Some(ChunkResult::Err { errno, offset: op.chunk.off + op.done as u64 })
+                    Some(ChunkResult::Err {
+                        errno,
+                        offset: op.chunk.off + op.done as u64,
+                    })
                 }
             };
             match outcome {
@@ -449,28 +502,38 @@ impl Driver {
         let len = (c.len - op.done) as u32;
         let off = c.off + op.done as u64;
         let entry = match (op.fixed_buf, c.fixed_file) {
-            (Some(bi), Some(ff)) => {
-                opcode::ReadFixed::new(types::Fixed(ff), buf, len, bi).offset(off).build()
-            }
-            (Some(bi), None) => opcode::ReadFixed::new(types::Fd(c.fd), buf, len, bi).offset(off).build(),
-            (None, Some(ff)) => opcode::Read::new(types::Fixed(ff), buf, len).offset(off).build(),
-            (None, None) => opcode::Read::new(types::Fd(c.fd), buf, len).offset(off).build(),
+            (Some(bi), Some(ff)) => opcode::ReadFixed::new(types::Fixed(ff), buf, len, bi)
+                .offset(off)
+                .build(),
+            (Some(bi), None) => opcode::ReadFixed::new(types::Fd(c.fd), buf, len, bi)
+                .offset(off)
+                .build(),
+            (None, Some(ff)) => opcode::Read::new(types::Fixed(ff), buf, len)
+                .offset(off)
+                .build(),
+            (None, None) => opcode::Read::new(types::Fd(c.fd), buf, len)
+                .offset(off)
+                .build(),
         };
         let entry = entry.user_data(opi as u64);
         // SAFETY: the destination stays valid until this op's completion is reaped (submit
         // contract; owned buffers live in the table until collected), and the op's record is
         // kept in `self.ops` until then. The SQ holds queue_depth + 1 entries and at most that
         // many operations exist, so the push cannot fail.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue sized for the queue depth");
+        unsafe { self.ring.submission().push(&entry) }
+            .expect("submission queue sized for the queue depth");
     }
 
     fn push_wake(&mut self) {
         let buf: *mut u64 = &mut *self.wake_buf;
-        let entry = opcode::Read::new(types::Fd(self.wake_fd), buf.cast(), 8).build().user_data(WAKE_TOKEN);
+        let entry = opcode::Read::new(types::Fd(self.wake_fd), buf.cast(), 8)
+            .build()
+            .user_data(WAKE_TOKEN);
         // SAFETY: `wake_buf` is boxed and lives as long as the driver, which outlives the ring's
         // use of it (the driver only exits with nothing armed); the eventfd stays open until the
         // reader has joined this thread.
-        unsafe { self.ring.submission().push(&entry) }.expect("submission queue sized for the queue depth");
+        unsafe { self.ring.submission().push(&entry) }
+            .expect("submission queue sized for the queue depth");
         self.armed = true;
     }
 
@@ -491,7 +554,10 @@ impl Driver {
                 pieces.sort_unstable();
                 let iovecs: Vec<libc::iovec> = pieces
                     .iter()
-                    .map(|&(a, l)| libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l })
+                    .map(|&(a, l)| libc::iovec {
+                        iov_base: a as *mut libc::c_void,
+                        iov_len: l,
+                    })
                     .collect();
                 // SAFETY: the regions are the caller's memory, mapped now (the kernel pins them
                 // and fails otherwise). Reads use a fixed buffer only for chunks that lie inside

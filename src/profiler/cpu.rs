@@ -47,13 +47,20 @@ pub(crate) fn model() -> String {
 
 #[cfg(target_os = "macos")]
 fn sysctl(name: &str) -> Option<String> {
-    let out = std::process::Command::new("sysctl").arg("-n").arg(name).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = std::process::Command::new("sysctl")
+        .arg("-n")
+        .arg(name)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 #[cfg(target_os = "macos")]
 pub(crate) fn model() -> String {
-    sysctl("machdep.cpu.brand_string").unwrap_or_else(|| format!("unknown {} CPU", std::env::consts::ARCH))
+    sysctl("machdep.cpu.brand_string")
+        .unwrap_or_else(|| format!("unknown {} CPU", std::env::consts::ARCH))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
@@ -83,11 +90,18 @@ fn physical_cores() -> Option<usize> {
     if let Ok(dir) = std::fs::read_dir("/sys/devices/system/cpu") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if !name.strip_prefix("cpu").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            if !name
+                .strip_prefix("cpu")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            {
                 continue;
             }
             let topo = e.path().join("topology");
-            let read = |f: &str| std::fs::read_to_string(topo.join(f)).ok().map(|s| s.trim().to_string());
+            let read = |f: &str| {
+                std::fs::read_to_string(topo.join(f))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            };
             if let (Some(pkg), Some(core)) = (read("physical_package_id"), read("core_id")) {
                 cores.insert((pkg, core));
             }
@@ -128,8 +142,11 @@ fn simd_features() -> Vec<String> {
     #[cfg(all(target_os = "linux", any(target_arch = "x86", target_arch = "x86_64")))]
     {
         let text = cpuinfo();
-        let flags: std::collections::BTreeSet<&str> =
-            cpuinfo_values(&text, "flags").next().unwrap_or("").split_whitespace().collect();
+        let flags: std::collections::BTreeSet<&str> = cpuinfo_values(&text, "flags")
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         const X86: &[(&str, &str)] = &[
             ("pni", "SSE3"),
             ("ssse3", "SSSE3"),
@@ -149,7 +166,11 @@ fn simd_features() -> Vec<String> {
             ("amx_int8", "AMX_INT8"),
             ("amx_bf16", "AMX_BF16"),
         ];
-        out.extend(X86.iter().filter(|(f, _)| flags.contains(f)).map(|(_, n)| n.to_string()));
+        out.extend(
+            X86.iter()
+                .filter(|(f, _)| flags.contains(f))
+                .map(|(_, n)| n.to_string()),
+        );
     }
     #[cfg(all(not(target_os = "linux"), target_arch = "x86_64"))]
     {

@@ -42,7 +42,11 @@ pub(crate) fn devices() -> Vec<GpuProfile> {
         // SAFETY: `dev` is a registered device; the out-pointers are valid locals.
         let (name, desc, ty) = unsafe {
             sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
-            (sys::ggml_backend_dev_name(dev), sys::ggml_backend_dev_description(dev), sys::ggml_backend_dev_type(dev))
+            (
+                sys::ggml_backend_dev_name(dev),
+                sys::ggml_backend_dev_description(dev),
+                sys::ggml_backend_dev_type(dev),
+            )
         };
         let kind = match ty {
             sys::GGML_BACKEND_DEVICE_TYPE_CPU => "cpu",

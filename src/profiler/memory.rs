@@ -54,7 +54,11 @@ fn available_bytes() -> Option<u64> {
 
 #[cfg(target_os = "macos")]
 fn sysctl_u64(name: &str) -> Option<u64> {
-    let out = std::process::Command::new("sysctl").arg("-n").arg(name).output().ok()?;
+    let out = std::process::Command::new("sysctl")
+        .arg("-n")
+        .arg(name)
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
@@ -68,11 +72,26 @@ pub(crate) fn total_bytes() -> u64 {
 fn available_bytes() -> Option<u64> {
     let out = std::process::Command::new("vm_stat").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let page: u64 = text.split("page size of ").nth(1)?.split_whitespace().next()?.parse().ok()?;
+    let page: u64 = text
+        .split("page size of ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     let mut pages = 0;
     for l in text.lines() {
-        let Some((k, v)) = l.split_once(':') else { continue };
-        if ["Pages free", "Pages inactive", "Pages speculative", "Pages purgeable"].contains(&k.trim()) {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        if [
+            "Pages free",
+            "Pages inactive",
+            "Pages speculative",
+            "Pages purgeable",
+        ]
+        .contains(&k.trim())
+        {
             pages += v.trim().trim_end_matches('.').parse::<u64>().unwrap_or(0);
         }
     }
@@ -91,7 +110,9 @@ fn available_bytes() -> Option<u64> {
 
 /// (limit, usage) of this process's memory cgroup; limit `None` when unlimited.
 fn cgroup_memory() -> (Option<u64>, Option<u64>) {
-    let Ok(self_cgroup) = std::fs::read_to_string("/proc/self/cgroup") else { return (None, None) };
+    let Ok(self_cgroup) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return (None, None);
+    };
     cgroup_memory_at(&self_cgroup, Path::new("/sys/fs/cgroup"))
 }
 
@@ -113,7 +134,9 @@ pub(crate) fn cgroup_memory_at(self_cgroup: &str, root: &Path) -> (Option<u64>, 
     };
     for line in self_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
         let rel = path.trim_start_matches('/');
         if id == "0" && ctrls.is_empty() {
             // cgroup v2 (pure, or the unified half of a hybrid setup).
@@ -132,7 +155,9 @@ pub(crate) fn cgroup_memory_at(self_cgroup: &str, root: &Path) -> (Option<u64>, 
         } else if ctrls.split(',').any(|c| c == "memory") {
             let mount = root.join("memory");
             for dir in candidate_dirs(&mount, rel) {
-                let Some(v) = read_u64(&dir.join("memory.limit_in_bytes")) else { continue };
+                let Some(v) = read_u64(&dir.join("memory.limit_in_bytes")) else {
+                    continue;
+                };
                 tighten(Some(v));
                 if usage.is_none() {
                     usage = read_u64(&dir.join("memory.usage_in_bytes"));
@@ -148,7 +173,11 @@ pub(crate) fn cgroup_memory_at(self_cgroup: &str, root: &Path) -> (Option<u64>, 
 fn candidate_dirs(mount: &Path, rel: &str) -> Vec<std::path::PathBuf> {
     let own = mount.join(rel);
     if !own.is_dir() {
-        return if mount.is_dir() { vec![mount.to_path_buf()] } else { vec![] };
+        return if mount.is_dir() {
+            vec![mount.to_path_buf()]
+        } else {
+            vec![]
+        };
     }
     let mut v = Vec::new();
     let mut d = own.as_path();
@@ -182,7 +211,9 @@ fn bandwidth(quick: bool, budget: u64) -> (f64, f64, usize) {
         let t0 = Instant::now();
         std::thread::scope(|s| {
             for part in buf.chunks(per) {
-                s.spawn(move || std::hint::black_box(part.iter().fold(0u64, |a, &x| a.wrapping_add(x))));
+                s.spawn(move || {
+                    std::hint::black_box(part.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                });
             }
         });
         (words * 8) as f64 / t0.elapsed().as_secs_f64()
@@ -202,7 +233,11 @@ fn bandwidth(quick: bool, budget: u64) -> (f64, f64, usize) {
         });
         (src.len() * 8) as f64 / t0.elapsed().as_secs_f64()
     });
-    (read / 1e9, copy / 1e9, threads)
+    (
+        super::round_to(read / 1e9, 3),
+        super::round_to(copy / 1e9, 3),
+        threads,
+    )
 }
 
 /// Runs `f` (returning bytes/s) at least three times and until `target` has passed; the best.
@@ -233,7 +268,10 @@ mod tests {
         write(&r.join("a/memory.max"), "1073741824\n");
         write(&r.join("a/b/memory.max"), "max\n");
         write(&r.join("a/b/memory.current"), "1000\n");
-        assert_eq!(cgroup_memory_at("0::/a/b\n", r), (Some(1 << 30), Some(1000)));
+        assert_eq!(
+            cgroup_memory_at("0::/a/b\n", r),
+            (Some(1 << 30), Some(1000))
+        );
         write(&r.join("a/b/memory.max"), "536870912\n");
         assert_eq!(cgroup_memory_at("0::/a/b\n", r).0, Some(1 << 29));
     }
@@ -245,8 +283,14 @@ mod tests {
         // The process's own directory is not visible: the mount root stands for it.
         write(&r.join("memory/memory.limit_in_bytes"), "2147483648\n");
         write(&r.join("memory/memory.usage_in_bytes"), "5\n");
-        assert_eq!(cgroup_memory_at("4:memory:/docker/abc\n1:cpu:/x\n", r), (Some(2 << 30), Some(5)));
-        write(&r.join("memory/memory.limit_in_bytes"), "9223372036854771712\n");
+        assert_eq!(
+            cgroup_memory_at("4:memory:/docker/abc\n1:cpu:/x\n", r),
+            (Some(2 << 30), Some(5))
+        );
+        write(
+            &r.join("memory/memory.limit_in_bytes"),
+            "9223372036854771712\n",
+        );
         assert_eq!(cgroup_memory_at("4:memory:/docker/abc\n", r).0, None);
     }
 

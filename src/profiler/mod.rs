@@ -235,7 +235,9 @@ pub fn measure(opts: &MeasureOptions) -> Result<MachineProfile> {
     Ok(MachineProfile {
         version: PROFILE_VERSION,
         machine_key: machine_key_for(&cpu.model, memory.total_bytes),
-        measured_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        measured_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         hypura_version: env!("CARGO_PKG_VERSION").to_string(),
         quick: opts.quick,
         cpu,
@@ -251,7 +253,9 @@ fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("{spinner} profiling [{bar:30}] {pos}/{len} {msg}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} profiling [{bar:30}] {pos}/{len} {msg}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -264,7 +268,11 @@ pub fn save(p: &MachineProfile) -> Result<PathBuf> {
     let dir = path.parent().expect("cache file has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text = toml::to_string_pretty(p).context("serialising the profile")?;
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(path)
@@ -292,11 +300,23 @@ pub fn machine_key() -> String {
 fn machine_key_for(cpu_model: &str, total_mem: u64) -> String {
     let id = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
         .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()))
+        .find_map(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        })
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default();
-    format!("{:016x}", fnv1a(format!("{id}\n{cpu_model}\n{total_mem}").as_bytes()))
+    format!(
+        "{:016x}",
+        fnv1a(format!("{id}\n{cpu_model}\n{total_mem}").as_bytes())
+    )
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -308,8 +328,18 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// Rounds to `digits` decimals: figures are noisy anyway, and short decimals survive JSON and
+/// TOML round trips exactly.
+pub(crate) fn round_to(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
 pub(crate) fn canonical_string(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 #[cfg(test)]

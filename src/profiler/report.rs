@@ -29,30 +29,73 @@ pub fn render_table(p: &MachineProfile) -> String {
     let c = &p.cpu;
     let _ = writeln!(s, "CPU");
     row(&mut s, "model", c.model.clone());
-    row(&mut s, "cores", format!("{} physical, {} logical, {} usable", c.physical_cores, c.logical_cores, c.usable_cores));
-    row(&mut s, "SIMD (CPU)", if c.simd.is_empty() { "-".into() } else { c.simd.join(" ") });
-    row(&mut s, "SIMD (ggml build)", if c.ggml_simd.is_empty() { "-".into() } else { c.ggml_simd.join(" ") });
+    row(
+        &mut s,
+        "cores",
+        format!(
+            "{} physical, {} logical, {} usable",
+            c.physical_cores, c.logical_cores, c.usable_cores
+        ),
+    );
+    row(
+        &mut s,
+        "SIMD (CPU)",
+        if c.simd.is_empty() {
+            "-".into()
+        } else {
+            c.simd.join(" ")
+        },
+    );
+    row(
+        &mut s,
+        "SIMD (ggml build)",
+        if c.ggml_simd.is_empty() {
+            "-".into()
+        } else {
+            c.ggml_simd.join(" ")
+        },
+    );
 
     let m = &p.memory;
     let _ = writeln!(s, "\nMemory");
     row(&mut s, "total", gib(m.total_bytes));
     row(&mut s, "available", gib(m.available_bytes));
-    row(&mut s, "cgroup limit", m.cgroup_limit_bytes.map_or("none".into(), gib));
+    row(
+        &mut s,
+        "cgroup limit",
+        m.cgroup_limit_bytes.map_or("none".into(), gib),
+    );
     row(&mut s, "effective limit", gib(m.effective_limit_bytes));
-    row(&mut s, "read bandwidth", format!("{:.1} GB/s ({} threads)", m.read_gbps, m.bandwidth_threads));
+    row(
+        &mut s,
+        "read bandwidth",
+        format!("{:.1} GB/s ({} threads)", m.read_gbps, m.bandwidth_threads),
+    );
     row(&mut s, "copy bandwidth", format!("{:.1} GB/s", m.copy_gbps));
 
     let st = &p.storage;
     let _ = writeln!(s, "\nStorage ({})", st.path);
-    row(&mut s, "file read", format!("{} ({})", st.file, gib(st.file_bytes)));
+    row(
+        &mut s,
+        "file read",
+        format!("{} ({})", st.file, gib(st.file_bytes)),
+    );
     row(
         &mut s,
         "engine",
         format!(
             "{}, {}{}",
             st.backend,
-            if st.direct { "O_DIRECT" } else { "buffered (page cache not bypassed)" },
-            if st.fixed_buffers { ", fixed buffers" } else { "" }
+            if st.direct {
+                "O_DIRECT"
+            } else {
+                "buffered (page cache not bypassed)"
+            },
+            if st.fixed_buffers {
+                ", fixed buffers"
+            } else {
+                ""
+            }
         ),
     );
     for f in &st.fallbacks {
@@ -78,7 +121,11 @@ pub fn render_table(p: &MachineProfile) -> String {
     for q in &qds {
         let _ = write!(s, "  {:<22}", format!("  queue depth {q}"));
         for b in &blocks {
-            match st.seq.iter().find(|r| r.queue_depth == *q && r.block_size == *b) {
+            match st
+                .seq
+                .iter()
+                .find(|r| r.queue_depth == *q && r.block_size == *b)
+            {
                 Some(r) => {
                     let _ = write!(s, "{:>10.2}", r.gbps);
                 }
@@ -92,16 +139,39 @@ pub fn render_table(p: &MachineProfile) -> String {
     row(
         &mut s,
         "best sequential",
-        format!("{:.2} GB/s (queue depth {}, {})", st.best_seq_gbps, st.best_seq_queue_depth, size(st.best_seq_block_size)),
+        format!(
+            "{:.2} GB/s (queue depth {}, {})",
+            st.best_seq_gbps,
+            st.best_seq_queue_depth,
+            size(st.best_seq_block_size)
+        ),
     );
-    row(&mut s, "random 4 KiB latency", format!("p50 {:.0} us, p99 {:.0} us (queue depth 1)", st.rand4k_p50_us, st.rand4k_p99_us));
-    row(&mut s, "random 4 KiB IOPS", format!("{:.0} (queue depth {})", st.rand4k_iops, st.rand4k_queue_depth));
+    row(
+        &mut s,
+        "random 4 KiB latency",
+        format!(
+            "p50 {:.0} us, p99 {:.0} us (queue depth 1)",
+            st.rand4k_p50_us, st.rand4k_p99_us
+        ),
+    );
+    row(
+        &mut s,
+        "random 4 KiB IOPS",
+        format!(
+            "{:.0} (queue depth {})",
+            st.rand4k_iops, st.rand4k_queue_depth
+        ),
+    );
     for b in &st.backend_comparison {
         let runs: Vec<String> = b.runs_gbps.iter().map(|g| format!("{g:.2}")).collect();
         row(
             &mut s,
             &format!("{} QD{} {}", b.backend, b.queue_depth, size(b.block_size)),
-            format!("median {:.2} GB/s (runs: {})", b.median_gbps, runs.join(", ")),
+            format!(
+                "median {:.2} GB/s (runs: {})",
+                b.median_gbps,
+                runs.join(", ")
+            ),
         );
     }
 

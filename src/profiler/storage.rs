@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 
 use super::{BackendComparison, MeasureOptions, SeqResult, StorageProfile};
-use crate::io::{self, open_reader, AlignedBuf, Backend, FileId, IoOptions, ReadBackend, ReaderInfo};
+use crate::io::{
+    self, open_reader, AlignedBuf, Backend, FileId, IoOptions, ReadBackend, ReaderInfo,
+};
 
 pub(crate) const QUEUE_DEPTHS: [usize; 4] = [1, 4, 16, 32];
 pub(crate) const BLOCK_SIZES: [usize; 3] = [128 << 10, 1 << 20, 4 << 20];
@@ -56,7 +58,13 @@ impl Plan {
 
 /// Progress steps of [`measure`].
 pub(crate) fn steps(opts: &MeasureOptions) -> usize {
-    1 + QUEUE_DEPTHS.len() * BLOCK_SIZES.len() + 2 + if opts.compare_backends { 2 * COMPARE_RUNS } else { 0 }
+    1 + QUEUE_DEPTHS.len() * BLOCK_SIZES.len()
+        + 2
+        + if opts.compare_backends {
+            2 * COMPARE_RUNS
+        } else {
+            0
+        }
 }
 
 /// Removes the scratch file when dropped (errors and panics included).
@@ -72,7 +80,11 @@ impl Drop for Scratch {
     }
 }
 
-pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> Result<StorageProfile> {
+pub(crate) fn measure(
+    dir: &Path,
+    opts: &MeasureOptions,
+    bar: &ProgressBar,
+) -> Result<StorageProfile> {
     let plan = Plan::new(opts.quick);
     let mut fallbacks: Vec<String> = Vec::new();
 
@@ -83,14 +95,23 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
     } else if let Some(m) = largest_model(dir, plan.min_model_bytes) {
         (m, None)
     } else {
-        let path = dir.join(format!(".hypura-profile-scratch-{}.bin", std::process::id()));
+        let path = dir.join(format!(
+            ".hypura-profile-scratch-{}.bin",
+            std::process::id()
+        ));
         let guard = Scratch(path.clone());
         let bytes = scratch_size(dir, plan.scratch_bytes)?;
         writescratch(&path, bytes, &mut fallbacks)?;
         (path, Some(guard))
     };
-    let file_len = std::fs::metadata(&file).with_context(|| format!("stat {}", file.display()))?.len();
-    anyhow::ensure!(file_len >= 4096, "{} is too small to measure ({file_len} bytes)", file.display());
+    let file_len = std::fs::metadata(&file)
+        .with_context(|| format!("stat {}", file.display()))?
+        .len();
+    anyhow::ensure!(
+        file_len >= 4096,
+        "{} is too small to measure ({file_len} bytes)",
+        file.display()
+    );
     bar.inc(1);
 
     let mut pool = Pool::default();
@@ -98,9 +119,24 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
     let mut seq = Vec::new();
     for &qd in &QUEUE_DEPTHS {
         for &bs in &BLOCK_SIZES {
-            bar.set_message(format!("storage: sequential, queue depth {qd}, {} KiB blocks", bs >> 10));
-            let (gbps, info) = seq_run(&file, file_len, opts.backend, qd, bs, plan.seq_budget, &mut pool)?;
-            seq.push(SeqResult { queue_depth: qd, block_size: bs, gbps });
+            bar.set_message(format!(
+                "storage: sequential, queue depth {qd}, {} KiB blocks",
+                bs >> 10
+            ));
+            let (gbps, info) = seq_run(
+                &file,
+                file_len,
+                opts.backend,
+                qd,
+                bs,
+                plan.seq_budget,
+                &mut pool,
+            )?;
+            seq.push(SeqResult {
+                queue_depth: qd,
+                block_size: bs,
+                gbps,
+            });
             infos.push(info);
             bar.inc(1);
         }
@@ -111,7 +147,9 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
     infos.push(info);
     bar.inc(1);
     let (p50, p99) = percentiles(lat.latencies_us);
-    bar.set_message(format!("storage: random 4 KiB IOPS (queue depth {RAND_QD})"));
+    bar.set_message(format!(
+        "storage: random 4 KiB IOPS (queue depth {RAND_QD})"
+    ));
     let (iops, info) = rand_run(&file, file_len, opts.backend, RAND_QD, &plan, &mut pool)?;
     infos.push(info);
     bar.inc(1);
@@ -122,13 +160,26 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
         let backends = [Backend::Uring, Backend::Pread];
         for i in 0..COMPARE_RUNS * 2 {
             let b = i % 2;
-            bar.set_message(format!("storage: io_uring vs pread at queue depth {COMPARE_QD}, run {}", i / 2 + 1));
-            match seq_run(&file, file_len, backends[b], COMPARE_QD, COMPARE_BS, plan.seq_budget, &mut pool) {
+            bar.set_message(format!(
+                "storage: io_uring vs pread at queue depth {COMPARE_QD}, run {}",
+                i / 2 + 1
+            ));
+            match seq_run(
+                &file,
+                file_len,
+                backends[b],
+                COMPARE_QD,
+                COMPARE_BS,
+                plan.seq_budget,
+                &mut pool,
+            ) {
                 Ok((g, info)) => {
                     runs[b].push(g);
                     infos.push(info);
                 }
-                Err(e) if b == 0 => fallbacks.push(format!("backend comparison: io_uring not measured ({e:#})")),
+                Err(e) if b == 0 => {
+                    fallbacks.push(format!("backend comparison: io_uring not measured ({e:#})"))
+                }
                 Err(e) => return Err(e),
             }
             bar.inc(1);
@@ -144,7 +195,7 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
                 },
                 queue_depth: COMPARE_QD,
                 block_size: COMPARE_BS,
-                median_gbps: median(&r),
+                median_gbps: super::round_to(median(&r), 3),
                 runs_gbps: r,
             });
         }
@@ -158,10 +209,18 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
         }
     }
     let main = &infos[0];
-    let best = seq.iter().max_by(|a, b| a.gbps.total_cmp(&b.gbps)).expect("at least one run").clone();
+    let best = seq
+        .iter()
+        .max_by(|a, b| a.gbps.total_cmp(&b.gbps))
+        .expect("at least one run")
+        .clone();
     Ok(StorageProfile {
         path: super::canonical_string(dir),
-        file: if scratch.is_some() { "(scratch file, removed)".to_string() } else { super::canonical_string(&file) },
+        file: if scratch.is_some() {
+            "(scratch file, removed)".to_string()
+        } else {
+            super::canonical_string(&file)
+        },
         file_bytes: file_len,
         scratch_file: scratch.is_some(),
         backend: main.backend.to_string(),
@@ -174,7 +233,7 @@ pub(crate) fn measure(dir: &Path, opts: &MeasureOptions, bar: &ProgressBar) -> R
         seq,
         rand4k_p50_us: p50,
         rand4k_p99_us: p99,
-        rand4k_iops: iops.ops_per_sec,
+        rand4k_iops: iops.ops_per_sec.round(),
         rand4k_queue_depth: RAND_QD,
         backend_comparison,
     })
@@ -185,7 +244,11 @@ fn largest_model(dir: &Path, min: u64) -> Option<PathBuf> {
     std::fs::read_dir(dir)
         .ok()?
         .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf")))
+        .filter(|e| {
+            e.path()
+                .extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+        })
         .filter_map(|e| Some((e.metadata().ok().filter(|m| m.is_file())?.len(), e.path())))
         .filter(|(len, _)| *len >= min)
         .max()
@@ -194,12 +257,18 @@ fn largest_model(dir: &Path, min: u64) -> Option<PathBuf> {
 
 /// The scratch size that fits: the plan's, or less on a nearly full filesystem.
 fn scratch_size(dir: &Path, want: u64) -> Result<u64> {
+    // The field types differ between platforms (u32 on macOS).
+    #[allow(clippy::unnecessary_cast)]
     let avail = nix::sys::statvfs::statvfs(dir)
         .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
         .unwrap_or(u64::MAX);
     let fits = (avail / 2).min(want) / MIB * MIB;
     if fits < 16 * MIB {
-        bail!("not enough free space under {} for a scratch file ({} MiB free)", dir.display(), avail / MIB);
+        bail!(
+            "not enough free space under {} for a scratch file ({} MiB free)",
+            dir.display(),
+            avail / MIB
+        );
     }
     Ok(fits)
 }
@@ -221,10 +290,12 @@ fn writescratch(path: &Path, bytes: u64, fallbacks: &mut Vec<String>) -> Result<
         let n = (bytes - written).min(BLOCK as u64) as usize;
         // Make every block distinct (no dedup/compression shortcuts).
         block.as_mut_slice()[..8].copy_from_slice(&(written ^ rng.next()).to_le_bytes());
-        f.write_all(&block.as_slice()[..n]).with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(&block.as_slice()[..n])
+            .with_context(|| format!("writing {}", path.display()))?;
         written += n as u64;
     }
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     if !direct {
         io::drop_cache(&f, 0, bytes);
         fallbacks.push(format!(
@@ -257,7 +328,14 @@ impl Pool {
 }
 
 fn open(file: &Path, backend: Backend, qd: usize, bs: usize) -> Result<Box<dyn ReadBackend>> {
-    let opts = IoOptions { backend, queue_depth: qd, chunk_size: bs, max_requests: qd, direct: true, ..IoOptions::default() };
+    let opts = IoOptions {
+        backend,
+        queue_depth: qd,
+        chunk_size: bs,
+        max_requests: qd,
+        direct: true,
+        ..IoOptions::default()
+    };
     let r = open_reader(file, &opts).with_context(|| format!("opening {}", file.display()))?;
     if !r.info().direct {
         // Buffered fallback: at least start from a cold cache.
@@ -269,7 +347,10 @@ fn open(file: &Path, backend: Backend, qd: usize, bs: usize) -> Result<Box<dyn R
 }
 
 fn register(r: &mut dyn ReadBackend, bufs: &[AlignedBuf]) -> Result<()> {
-    let regions: Vec<(*mut u8, usize)> = bufs.iter().map(|b| (b.as_ptr() as *mut u8, b.len())).collect();
+    let regions: Vec<(*mut u8, usize)> = bufs
+        .iter()
+        .map(|b| (b.as_ptr() as *mut u8, b.len()))
+        .collect();
     r.register_buffers(&regions)?;
     Ok(())
 }
@@ -317,7 +398,7 @@ fn seq_run(
     let info = r.info().clone();
     drop(r);
     pool.give(spare);
-    Ok((bytes as f64 / secs / 1e9, info))
+    Ok((super::round_to(bytes as f64 / secs / 1e9, 3), info))
 }
 
 struct RandResult {
@@ -367,7 +448,13 @@ fn rand_run(
     let info = r.info().clone();
     drop(r);
     pool.give(spare);
-    Ok((RandResult { latencies_us: lat, ops_per_sec: done as f64 / secs }, info))
+    Ok((
+        RandResult {
+            latencies_us: lat,
+            ops_per_sec: done as f64 / secs,
+        },
+        info,
+    ))
 }
 
 fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
@@ -376,7 +463,7 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
     }
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (at(0.50), at(0.99))
+    (super::round_to(at(0.50), 1), super::round_to(at(0.99), 1))
 }
 
 fn median(v: &[f64]) -> f64 {
