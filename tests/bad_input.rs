@@ -26,7 +26,10 @@ fn hypura(args: &[&str]) -> (bool, String) {
         .env_remove("RUST_LOG")
         .output()
         .expect("failed to start the hypura binary");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Asserts that `hypura ARGS` fails with one clean error line containing every needle.
@@ -36,12 +39,18 @@ fn assert_clean_failure(args: &[&str], needles: &[&str]) {
     assert!(!ok, "expected a non-zero exit; {shown}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "expected exactly one stderr line; {shown}");
-    assert!(lines[0].starts_with("error:"), "expected the line to start with `error:`; {shown}");
+    assert!(
+        lines[0].starts_with("error:"),
+        "expected the line to start with `error:`; {shown}"
+    );
     let lower = stderr.to_lowercase();
     assert!(!lower.contains("panicked"), "panic; {shown}");
     assert!(!lower.contains("backtrace"), "backtrace text; {shown}");
     for needle in needles {
-        assert!(lower.contains(&needle.to_lowercase()), "expected {needle:?}; {shown}");
+        assert!(
+            lower.contains(&needle.to_lowercase()),
+            "expected {needle:?}; {shown}"
+        );
     }
 }
 
@@ -63,11 +72,17 @@ fn write_valid(dir: &Path, with_kvs: bool) -> PathBuf {
         w.add_kv("general.architecture", "llama").unwrap();
         w.add_kv("general.name", "bad-input fixture").unwrap();
         w.add_kv("llama.block_count", 1u32).unwrap();
-        w.add_kv("tokenizer.ggml.tokens", vec!["<unk>", "<s>", "</s>", "hello", "world"]).unwrap();
+        w.add_kv(
+            "tokenizer.ggml.tokens",
+            vec!["<unk>", "<s>", "</s>", "hello", "world"],
+        )
+        .unwrap();
     }
     w.add_tensor(FIRST_TENSOR, GgmlType::F32, &[64, 4]).unwrap();
-    w.add_tensor("output_norm.weight", GgmlType::F32, &[64]).unwrap();
-    w.write(|spec, out| out.write_all(&vec![0x3c; spec.size as usize])).unwrap();
+    w.add_tensor("output_norm.weight", GgmlType::F32, &[64])
+        .unwrap();
+    w.write(|spec, out| out.write_all(&vec![0x3c; spec.size as usize]))
+        .unwrap();
     GgufFile::open(&path).expect("the unpatched fixture must parse");
     path
 }
@@ -82,7 +97,12 @@ fn patch(path: &Path, at: u64, bytes: &[u8]) {
 
 /// Cuts the file to `len` bytes.
 fn truncate(path: &Path, len: u64) {
-    std::fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
 }
 
 /// Field offsets of the first tensor info in a file without metadata:
@@ -154,7 +174,11 @@ fn truncated_in_tensor_infos() {
 fn truncated_in_tensor_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_valid(dir.path(), true);
-    let first = GgufFile::open(&path).unwrap().tensor(FIRST_TENSOR).unwrap().offset;
+    let first = GgufFile::open(&path)
+        .unwrap()
+        .tensor(FIRST_TENSOR)
+        .unwrap()
+        .offset;
     truncate(&path, first + 100);
     assert_rejected(&path, &["truncated in tensor data", FIRST_TENSOR]);
 }

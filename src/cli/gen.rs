@@ -90,7 +90,10 @@ pub struct GenArgs {
 /// Runs `hypura gen`.
 pub fn run(args: GenArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
-        bail!("{}: already exists (pass --force to overwrite)", args.out.display());
+        bail!(
+            "{}: already exists (pass --force to overwrite)",
+            args.out.display()
+        );
     }
     let mut cfg = config(&args);
     if let Some(target) = args.target_size {
@@ -104,14 +107,19 @@ pub fn run(args: GenArgs) -> anyhow::Result<()> {
     let summary = result.inspect_err(|_| {
         let _ = std::fs::remove_file(&partial);
     })?;
-    std::fs::rename(&partial, &args.out)
-        .with_context(|| format!("{}: cannot move the finished file into place", args.out.display()))?;
+    std::fs::rename(&partial, &args.out).with_context(|| {
+        format!(
+            "{}: cannot move the finished file into place",
+            args.out.display()
+        )
+    })?;
     println!(
-        "wrote {}: {} ({}), {} layers, {} tensors, {} ({} bytes), seed {}",
+        "wrote {}: {} ({}), {} layer{}, {} tensors, {} ({} bytes), seed {}",
         args.out.display(),
         cfg.arch.gguf_name(),
         describe(&cfg),
         cfg.n_layer,
+        if cfg.n_layer == 1 { "" } else { "s" },
         summary.tensors,
         human_bytes(summary.bytes),
         summary.bytes,
@@ -144,22 +152,31 @@ fn config(a: &GenArgs) -> SynthConfig {
     c
 }
 
-/// `mixtral-style 8x2, q8_0` and the like.
+/// `8 experts, 2 used, embd 256, q8_0` and the like.
 fn describe(c: &SynthConfig) -> String {
-    let moe = if c.arch.is_moe() { format!("{} experts, {} used, ", c.n_expert, c.n_expert_used) } else { String::new() };
+    let moe = if c.arch.is_moe() {
+        format!("{} experts, {} used, ", c.n_expert, c.n_expert_used)
+    } else {
+        String::new()
+    };
     format!("{moe}embd {}, {}", c.n_embd, c.weight_type)
 }
 
 /// `OUT.partial` next to OUT: a crash never leaves a half-written model at OUT.
 fn partial_path(out: &Path) -> PathBuf {
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".partial");
     out.with_file_name(name)
 }
 
 fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar
@@ -173,10 +190,19 @@ fn parse_type(s: &str) -> Result<GgmlType, String> {
 /// `123`, `512K`, `8G`, `1.5GiB`: binary units (K = 1024).
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num.parse().map_err(|_| format!("'{s}' is not a size like 8G or 512M"))?;
-    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches('B').trim_end_matches('I') {
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 8G or 512M"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches('B')
+        .trim_end_matches('I')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,

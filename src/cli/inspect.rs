@@ -160,8 +160,14 @@ impl<'a> Report<'a> {
 }
 
 fn bytes_by_role(tensors: &[TensorInfo]) -> Vec<RoleRow> {
-    let mut rows: Vec<RoleRow> =
-        TensorRole::ALL.iter().map(|&role| RoleRow { role, tensors: 0, bytes: 0 }).collect();
+    let mut rows: Vec<RoleRow> = TensorRole::ALL
+        .iter()
+        .map(|&role| RoleRow {
+            role,
+            tensors: 0,
+            bytes: 0,
+        })
+        .collect();
     for t in tensors {
         if let Some(row) = rows.iter_mut().find(|r| r.role == t.role) {
             row.tensors += 1;
@@ -176,7 +182,10 @@ fn bytes_by_layer(tensors: &[TensorInfo]) -> Vec<LayerRow> {
     // `None` sorts first: the non-layer row leads.
     let mut rows: BTreeMap<Option<u32>, LayerRow> = BTreeMap::new();
     for t in tensors {
-        let row = rows.entry(t.layer).or_insert_with(|| LayerRow { layer: t.layer, ..LayerRow::default() });
+        let row = rows.entry(t.layer).or_insert_with(|| LayerRow {
+            layer: t.layer,
+            ..LayerRow::default()
+        });
         row.tensors += 1;
         row.total = row.total.saturating_add(t.size);
         let column = match t.role {
@@ -200,18 +209,26 @@ fn kv_row<'a>(key: &'a str, v: &MetaValue) -> KvRow<'a> {
         }),
         scalar => scalar_json(scalar),
     };
-    KvRow { key, value_type: v.value_type().name(), value }
+    KvRow {
+        key,
+        value_type: v.value_type().name(),
+        value,
+    }
 }
 
 fn scalar_json(v: &MetaValue) -> serde_json::Value {
     match v {
         MetaValue::String(s) => serde_json::Value::from(s.as_str()),
         MetaValue::Bool(b) => serde_json::Value::from(*b),
-        MetaValue::F32(_) | MetaValue::F64(_) => v.as_f64().map_or(serde_json::Value::Null, serde_json::Value::from),
-        MetaValue::I8(_) | MetaValue::I16(_) | MetaValue::I32(_) | MetaValue::I64(_) => {
-            v.as_i64().map_or(serde_json::Value::Null, serde_json::Value::from)
-        }
-        _ => v.as_u64().map_or(serde_json::Value::Null, serde_json::Value::from),
+        MetaValue::F32(_) | MetaValue::F64(_) => v
+            .as_f64()
+            .map_or(serde_json::Value::Null, serde_json::Value::from),
+        MetaValue::I8(_) | MetaValue::I16(_) | MetaValue::I32(_) | MetaValue::I64(_) => v
+            .as_i64()
+            .map_or(serde_json::Value::Null, serde_json::Value::from),
+        _ => v
+            .as_u64()
+            .map_or(serde_json::Value::Null, serde_json::Value::from),
     }
 }
 
@@ -230,31 +247,73 @@ fn render_summary(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     let f = &r.file;
     let a = &r.architecture;
     writeln!(out, "{}", f.path)?;
-    writeln!(out, "  file        {} ({} bytes), GGUF v{}, alignment {}, data at byte {}", human_bytes(f.size), f.size, f.version, f.alignment, f.data_offset)?;
+    writeln!(
+        out,
+        "  file        {} ({} bytes), GGUF v{}, alignment {}, data at byte {}",
+        human_bytes(f.size),
+        f.size,
+        f.version,
+        f.alignment,
+        f.data_offset
+    )?;
     if let Some(name) = r.name {
         writeln!(out, "  name        {name}")?;
     }
-    writeln!(out, "  arch        {}", if a.arch.is_empty() { "(none)" } else { &a.arch })?;
+    writeln!(
+        out,
+        "  arch        {}",
+        if a.arch.is_empty() { "(none)" } else { &a.arch }
+    )?;
     writeln!(
         out,
         "  shape       layers {}  embd {}  heads {} (kv {})  ff {}  ctx {}  vocab {}",
-        opt(a.n_layer), opt(a.n_embd), opt(a.n_head), opt(a.n_head_kv), opt(a.n_ff), opt(a.n_ctx_train), opt(a.vocab_size)
+        opt(a.n_layer),
+        opt(a.n_embd),
+        opt(a.n_head),
+        opt(a.n_head_kv),
+        opt(a.n_ff),
+        opt(a.n_ctx_train),
+        opt(a.vocab_size)
     )?;
     if a.n_expert.is_some_and(|n| n > 0) {
-        writeln!(out, "  experts     {} ({} used per token), expert ff {}", opt(a.n_expert), opt(a.n_expert_used), opt(a.n_ff_exp))?;
+        writeln!(
+            out,
+            "  experts     {} ({} used per token), expert ff {}",
+            opt(a.n_expert),
+            opt(a.n_expert_used),
+            opt(a.n_ff_exp)
+        )?;
     }
-    writeln!(out, "  parameters  {} ({})", r.parameters, human_count(r.parameters))?;
-    writeln!(out, "  tensors     {} holding {} ({} metadata keys)", f.tensor_count, human_bytes(f.tensor_bytes), f.kv_count)
+    writeln!(
+        out,
+        "  parameters  {} ({})",
+        r.parameters,
+        human_count(r.parameters)
+    )?;
+    writeln!(
+        out,
+        "  tensors     {} holding {} ({} metadata keys)",
+        f.tensor_count,
+        human_bytes(f.tensor_bytes),
+        f.kv_count
+    )
 }
 
 fn render_roles(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "\nbytes by role")?;
-    writeln!(out, "  {:<18} {:>8} {:>12} {:>7}", "role", "tensors", "bytes", "share")?;
+    writeln!(
+        out,
+        "  {:<18} {:>8} {:>12} {:>7}",
+        "role", "tensors", "bytes", "share"
+    )?;
     for row in &r.bytes_by_role {
         writeln!(
             out,
             "  {:<18} {:>8} {:>12} {:>6.1}%",
-            row.role.label(), row.tensors, human_bytes(row.bytes), percent(row.bytes, r.file.tensor_bytes)
+            row.role.label(),
+            row.tensors,
+            human_bytes(row.bytes),
+            percent(row.bytes, r.file.tensor_bytes)
         )?;
     }
     Ok(())
@@ -262,13 +321,23 @@ fn render_roles(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 
 fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "\nbytes by layer")?;
-    writeln!(out, "  {:>6} {:>8} {:>11} {:>11} {:>11} {:>11} {:>11}", "layer", "tensors", "attention", "ffn", "experts", "other", "total")?;
+    writeln!(
+        out,
+        "  {:>6} {:>8} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "layer", "tensors", "attention", "ffn", "experts", "other", "total"
+    )?;
     for row in &r.bytes_by_layer {
-        let layer = row.layer.map_or_else(|| "-".to_string(), |l| l.to_string());
+        let layer = row.layer.map_or_else(|| "global".to_string(), |l| l.to_string());
         writeln!(
             out,
             "  {:>6} {:>8} {:>11} {:>11} {:>11} {:>11} {:>11}",
-            layer, row.tensors, human_bytes(row.attention), human_bytes(row.ffn), human_bytes(row.experts), human_bytes(row.other), human_bytes(row.total)
+            layer,
+            row.tensors,
+            human_bytes(row.attention),
+            human_bytes(row.ffn),
+            human_bytes(row.experts),
+            human_bytes(row.other),
+            human_bytes(row.total)
         )?;
     }
     Ok(())
@@ -276,13 +345,28 @@ fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 
 fn render_tensors(tensors: &[TensorInfo], out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "\ntensors")?;
-    writeln!(out, "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12}", "name", "role", "layer", "type", "dims", "offset", "size")?;
+    writeln!(
+        out,
+        "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12}",
+        "name", "role", "layer", "type", "dims", "offset", "size"
+    )?;
     for t in tensors {
-        let dims = t.dims.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ");
+        let dims = t
+            .dims
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(" x ");
         writeln!(
             out,
             "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12}",
-            t.name, t.role.label(), opt(t.layer), t.ggml_type.name(), dims, t.offset, t.size
+            t.name,
+            t.role.label(),
+            opt(t.layer),
+            t.ggml_type.name(),
+            dims,
+            t.offset,
+            t.size
         )?;
     }
     Ok(())
@@ -319,8 +403,8 @@ pub fn human_bytes(n: u64) -> String {
 /// `134515008` → `134.5 M`.
 fn human_count(n: u64) -> String {
     const UNITS: [(&str, f64); 4] = [("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)];
-    UNITS
-        .iter()
-        .find(|(_, s)| n as f64 >= *s)
-        .map_or_else(|| n.to_string(), |(u, s)| format!("{:.1} {u}", n as f64 / s))
+    UNITS.iter().find(|(_, s)| n as f64 >= *s).map_or_else(
+        || n.to_string(),
+        |(u, s)| format!("{:.1} {u}", n as f64 / s),
+    )
 }

@@ -11,7 +11,10 @@ use crate::engine::generate::{generate, GenRequest, GenStats};
 use crate::engine::logits::LogitsWriter;
 use crate::engine::sampler::Sampler;
 use crate::engine::{Context, ContextOptions, LoadMode, LoadOptions, Model};
+use crate::engine::stream::{StreamMetrics, Streamer};
+use crate::engine::stream_buft::StreamBufferType;
 use crate::gguf::GgufFile;
+use crate::scheduler::{format_bytes, Mode, Plan, PlanInput};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -57,6 +60,26 @@ pub struct RunArgs {
     /// Turn off ggml's CPU weight repacking (same kernels as streamed tensors).
     #[arg(long)]
     pub no_repack: bool,
+    /// RAM for weights (resident tensors + streaming pool), e.g. 96M or 4G.
+    /// Default: available memory (cgroup-aware) minus headroom.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub ram_budget: Option<u64>,
+    /// Placement mode (default: chosen from the budget and the model).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Streamed layers read ahead of the one computing (default: adaptive).
+    #[arg(long)]
+    pub lookahead: Option<usize>,
+    /// I/O backend for streaming.
+    #[arg(long, default_value = "auto")]
+    pub io_backend: crate::io::Backend,
+    /// Print the final statistics as one JSON object on stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    crate::scheduler::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Threads to use when the user does not say: the CPUs this process may run on.
@@ -86,18 +109,43 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gguf = GgufFile::open(&args.model)?;
     tracing::info!(arch = ?gguf.architecture(), tensors = gguf.tensors.len(), "model validated");
 
+    let profile = crate::profiler::load_cached();
+    let ram_budget = args.ram_budget.unwrap_or_else(|| crate::scheduler::default_ram_budget(profile.as_ref()));
+    let plan = Plan::new(&PlanInput {
+        gguf: &gguf,
+        ram_budget,
+        mode: args.mode,
+        lookahead: args.lookahead,
+        disk_gbps: profile.as_ref().map(|p| p.storage.best_seq_gbps),
+        mem_gbps: profile.as_ref().map(|p| p.memory.read_gbps),
+    })?;
+    tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, "plan");
+
+    // Drop order matters: context, then streamer, then model, then buffer type.
     let t_load = Instant::now();
-    let model = load_with_progress(&args.model, args.load_mode, !args.no_repack)?;
+    let buft = StreamBufferType::new_host()?;
+    let model = load_model(&args, &plan, &buft)?;
+    let mut streamer = match plan.mode {
+        Mode::Resident => None,
+        _ => {
+            buft.restore_names()?;
+            let io = crate::io::IoOptions { backend: args.io_backend, ..crate::io::IoOptions::default() };
+            let reader = crate::io::open_reader(&args.model, &io)
+                .with_context(|| format!("{}: cannot open for streaming", args.model.display()))?;
+            Some(Streamer::new(&plan, &buft, reader)?)
+        }
+    };
     let load_secs = t_load.elapsed().as_secs_f64();
 
     let n_ctx = args.ctx.unwrap_or_else(|| 4096.min(model.n_ctx_train().max(1)));
     if n_ctx == 0 {
         bail!("--ctx must be at least 1");
     }
-    let mut ctx = Context::new(
-        &model,
-        ContextOptions { n_ctx, n_batch: args.batch, n_threads: threads as i32, ..ContextOptions::default() },
-    )?;
+    let mut copts = ContextOptions { n_ctx, n_batch: args.batch, n_threads: threads as i32, ..ContextOptions::default() };
+    if let Some(st) = streamer.as_mut() {
+        st.hook(&mut copts);
+    }
+    let mut ctx = Context::new(&model, copts)?;
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
     });
@@ -107,8 +155,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => None,
     };
 
-    let stats = if args.interactive {
-        chat(&model, gguf.architecture().unwrap_or(""), &mut ctx, &mut sampler, &args, logits_out.as_mut())?
+    let mut at_prefill = StreamMetrics::default();
+    let result = if args.interactive {
+        chat(&model, gguf.architecture().unwrap_or(""), &mut ctx, &mut sampler, &args, logits_out.as_mut())
     } else {
         let prompt = args.prompt.as_deref().unwrap_or_default();
         let tokens = model.tokenize(prompt, true, false)?;
@@ -116,43 +165,196 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("the prompt tokenizes to nothing");
         }
         let mut stdout = std::io::stdout().lock();
-        let (_, stats) = generate(
+        let st = streamer.as_deref();
+        let mut on_prefill = || at_prefill = st.map(Streamer::metrics).unwrap_or_default();
+        generate(
             &mut ctx,
             &mut sampler,
-            GenRequest { prompt: &tokens, max_tokens: args.max_tokens, decode_last: false },
+            GenRequest { prompt: &tokens, max_tokens: args.max_tokens, decode_last: false, on_prefill: Some(&mut on_prefill) },
             &mut |s| {
                 stdout.write_all(s.as_bytes())?;
                 stdout.flush()?;
                 Ok(())
             },
             logits_out.as_mut(),
-        )?;
-        writeln!(stdout)?;
-        stats
+        )
+        .and_then(|(_, stats)| {
+            writeln!(stdout)?;
+            Ok(stats)
+        })
+    };
+    // A streaming I/O error aborts the decode; report the cause, not "aborted".
+    let stats = match (result, streamer.as_mut().and_then(|s| s.take_error())) {
+        (_, Some(io_err)) => bail!("streaming failed: {io_err}"),
+        (r, None) => r?,
     };
     if let Some(w) = logits_out {
         w.finish()?;
     }
-    eprintln!(
-        "load: {:.2} s | prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.2} tok/s | threads: {}",
-        load_secs,
-        stats.prompt_tokens,
-        stats.prompt_tps(),
-        stats.gen_tokens,
-        stats.gen_tps(),
-        threads
-    );
+    let gen_metrics = streamer.as_deref().map(|s| s.metrics().since(&at_prefill));
+    let report = RunReport::new(&plan, load_secs, threads, &stats, gen_metrics, streamer.as_deref());
+    if args.json {
+        eprintln!("{}", serde_json::to_string(&report)?);
+    } else {
+        eprintln!("{}", report.human());
+    }
     Ok(())
 }
 
+/// Loads the model: resident tensors through llama.cpp, streamed tensors
+/// routed into Hypura's buffer type with their names hidden so the loader
+/// never reads them (only resident bytes are read at start-up).
+fn load_model(args: &RunArgs, plan: &Plan, buft: &StreamBufferType) -> Result<Model> {
+    let overrides: Vec<(String, hypura_sys::ggml_backend_buffer_type_t)> =
+        override_patterns(plan).into_iter().map(|p| (p, buft.as_raw())).collect();
+    let load_mode = match (plan.mode, args.load_mode) {
+        // mmap would populate the whole file, streamed tensors included.
+        (Mode::Dense | Mode::Experts, LoadMode::Auto) => LoadMode::Dio,
+        (_, m) => m,
+    };
+    buft.set_hide_names(plan.mode != Mode::Resident);
+    load_with_progress(&args.model, load_mode, !args.no_repack, &overrides)
+}
+
+/// Regexes that route the plan's streamed tensors into the buffer type: one
+/// per distinct set of tensor suffixes, naming its layers.
+fn override_patterns(plan: &Plan) -> Vec<String> {
+    use std::collections::BTreeMap;
+    let mut by_layer: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for t in &plan.streamed {
+        let prefix = format!("blk.{}.", t.layer);
+        let suffix = t.name.strip_prefix(&prefix).unwrap_or(&t.name).to_string();
+        by_layer.entry(t.layer).or_default().push(suffix);
+    }
+    let mut groups: BTreeMap<Vec<String>, Vec<u32>> = BTreeMap::new();
+    for (layer, mut suffixes) in by_layer {
+        suffixes.sort();
+        groups.entry(suffixes).or_default().push(layer);
+    }
+    let esc = |s: &str| s.replace('.', "\\.");
+    groups
+        .into_iter()
+        .map(|(suffixes, layers)| {
+            let layers: Vec<String> = layers.iter().map(u32::to_string).collect();
+            let suffixes: Vec<String> = suffixes.iter().map(|s| esc(s)).collect();
+            format!("^blk\\.(?:{})\\.(?:{})$", layers.join("|"), suffixes.join("|"))
+        })
+        .collect()
+}
+
+/// The statistics printed at the end of a run.
+#[derive(serde::Serialize)]
+pub struct RunReport {
+    pub mode: Mode,
+    pub threads: usize,
+    pub load_secs: f64,
+    pub prompt_tokens: usize,
+    pub prompt_tps: f64,
+    pub gen_tokens: usize,
+    pub gen_tps: f64,
+    pub ram_budget_bytes: u64,
+    pub resident_bytes: u64,
+    pub streamed_bytes: u64,
+    pub pool_bytes: u64,
+    pub lookahead: usize,
+    pub pinned_layers: usize,
+    pub streamed_layers: usize,
+    /// Bytes read from disk per generated token.
+    pub read_bytes_per_token: Option<f64>,
+    /// Milliseconds the compute waited on I/O per generated token.
+    pub stall_ms_per_token: Option<f64>,
+    /// Cross-token expert cache hit rate.
+    pub expert_hit_rate: Option<f64>,
+    /// Average disk throughput during generation (GB/s).
+    pub disk_gbps: Option<f64>,
+    pub io_backend: Option<String>,
+    pub predicted_tps: Option<f64>,
+    pub ceiling_tps: Option<f64>,
+    pub peak_rss_bytes: u64,
+}
+
+impl RunReport {
+    fn new(plan: &Plan, load_secs: f64, threads: usize, stats: &GenStats, m: Option<StreamMetrics>, st: Option<&Streamer>) -> Self {
+        let per_tok = stats.gen_decodes.max(1) as f64;
+        let streaming = m.filter(|_| stats.gen_decodes > 0);
+        RunReport {
+            mode: plan.mode,
+            threads,
+            load_secs,
+            prompt_tokens: stats.prompt_tokens,
+            prompt_tps: stats.prompt_tps(),
+            gen_tokens: stats.gen_tokens,
+            gen_tps: stats.gen_tps(),
+            ram_budget_bytes: plan.ram_budget,
+            resident_bytes: plan.resident_bytes,
+            streamed_bytes: plan.streamed_bytes,
+            pool_bytes: plan.pool_bytes,
+            lookahead: plan.lookahead,
+            pinned_layers: plan.pinned_layers.len(),
+            streamed_layers: plan.streamed_layers.len(),
+            read_bytes_per_token: streaming.map(|m| m.bytes_read as f64 / per_tok),
+            stall_ms_per_token: streaming.map(|m| m.stall_ns as f64 / 1e6 / per_tok),
+            expert_hit_rate: streaming.and_then(|m| m.hit_rate()),
+            disk_gbps: streaming.filter(|_| stats.gen_secs > 0.0).map(|m| m.bytes_read as f64 / 1e9 / stats.gen_secs),
+            io_backend: st.map(|s| s.reader_info().backend.to_string()),
+            predicted_tps: plan.predicted_tps,
+            ceiling_tps: plan.ceiling_tps,
+            peak_rss_bytes: peak_rss_bytes(),
+        }
+    }
+
+    fn human(&self) -> String {
+        let mut s = format!(
+            "load: {:.2} s | prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.2} tok/s | threads: {}\nmode: {:?} | resident {} | streamed {} | pool {} | lookahead {} | peak RSS {}",
+            self.load_secs,
+            self.prompt_tokens,
+            self.prompt_tps,
+            self.gen_tokens,
+            self.gen_tps,
+            self.threads,
+            self.mode,
+            format_bytes(self.resident_bytes),
+            format_bytes(self.streamed_bytes),
+            format_bytes(self.pool_bytes),
+            self.lookahead,
+            format_bytes(self.peak_rss_bytes),
+        );
+        if let (Some(b), Some(st)) = (self.read_bytes_per_token, self.stall_ms_per_token) {
+            s += &format!("\nstreaming: {}/token read, stall {st:.1} ms/token", format_bytes(b as u64));
+            if let Some(g) = self.disk_gbps {
+                s += &format!(", disk {g:.2} GB/s");
+            }
+            if let Some(h) = self.expert_hit_rate {
+                s += &format!(", expert cache hits {:.1}%", h * 100.0);
+            }
+            if let Some(b) = &self.io_backend {
+                s += &format!(" ({b})");
+            }
+        }
+        s
+    }
+}
+
+/// Peak resident set size of this process (getrusage).
+pub fn peak_rss_bytes() -> u64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| u.max_rss().max(0) as u64 * 1024)
+        .unwrap_or(0)
+}
+
 /// Loads a model with an indicatif progress bar (drawn only on a terminal).
-pub fn load_with_progress(path: &Path, load_mode: LoadMode, repack: bool) -> Result<Model> {
+pub fn load_with_progress(
+    path: &Path,
+    load_mode: LoadMode,
+    repack: bool,
+    buft_overrides: &[(String, hypura_sys::ggml_backend_buffer_type_t)],
+) -> Result<Model> {
     let bar = ProgressBar::new(1000);
     bar.set_style(
         ProgressStyle::with_template("loading {bar:40.cyan/blue} {percent:>3}% {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut progress = |p: f32| bar.set_position((p.clamp(0.0, 1.0) * 1000.0) as u64);
-    let model = Model::load(path, LoadOptions { load_mode, repack, buft_overrides: &[], progress: Some(&mut progress) });
+    let model = Model::load(path, LoadOptions { load_mode, repack, buft_overrides, progress: Some(&mut progress) });
     bar.finish_and_clear();
     model
 }
@@ -198,7 +400,7 @@ fn chat(
         let (reply, stats) = generate(
             ctx,
             sampler,
-            GenRequest { prompt: &tokens, max_tokens: args.max_tokens, decode_last: true },
+            GenRequest { prompt: &tokens, max_tokens: args.max_tokens, decode_last: true, on_prefill: None },
             &mut |s| {
                 stdout.write_all(s.as_bytes())?;
                 stdout.flush()?;

@@ -22,11 +22,13 @@ pub struct ContextOptions {
     /// `cb_eval` and its user data (the streaming engine's hook), or none.
     pub eval_callback: EvalCallback,
     pub eval_user_data: *mut c_void,
+    /// Abort callback (gets `eval_user_data`): true stops the compute.
+    pub abort_callback: sys::ggml_abort_callback,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut() }
+        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut(), abort_callback: None }
     }
 }
 
@@ -53,6 +55,8 @@ impl<'m> Context<'m> {
         p.n_threads_batch = opts.n_threads;
         p.cb_eval = opts.eval_callback;
         p.cb_eval_user_data = opts.eval_user_data;
+        p.abort_callback = opts.abort_callback;
+        p.abort_callback_data = opts.eval_user_data;
         p.no_perf = true;
         // SAFETY: model is live for 'm, params fully initialised.
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), p) };

@@ -47,6 +47,8 @@ pub struct GenRequest<'a> {
     pub max_tokens: usize,
     /// Also decode the last sampled token (chat keeps the reply in the cache).
     pub decode_last: bool,
+    /// Called once the prompt is prefilled (metrics snapshots).
+    pub on_prefill: Option<&'a mut dyn FnMut()>,
 }
 
 /// Runs prefill and generation. `on_text` receives valid UTF-8 text as soon
@@ -64,6 +66,9 @@ pub fn generate(
     let t0 = Instant::now();
     ctx.decode(req.prompt)?;
     stats.prompt_secs = t0.elapsed().as_secs_f64();
+    if let Some(f) = req.on_prefill {
+        f();
+    }
 
     let mut out = Vec::with_capacity(req.max_tokens);
     let mut text = Utf8Stream::default();

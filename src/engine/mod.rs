@@ -5,6 +5,7 @@
 //! - [`model`]: loading a model, its vocabulary, tokenisation, chat templates.
 //! - [`context`]: a llama context (KV cache) and decoding.
 //! - [`sampler`]: greedy and temperature sampling.
+//! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
 //! - [`logits`]: the `--logits-out` file format.
 //! - [`generate`]: the token loop shared by prompt mode and chat.
@@ -15,6 +16,7 @@ pub mod generate;
 pub mod logits;
 pub mod model;
 pub mod sampler;
+pub mod stream;
 pub mod stream_buft;
 
 pub use context::{Context, ContextOptions};

@@ -33,7 +33,10 @@ pub struct ArchParams {
 
 impl ArchParams {
     /// Reads the parameters through `get`, a metadata lookup by key.
-    pub(crate) fn from_lookup<'a>(arch: &str, get: impl Fn(&str) -> Option<&'a MetaValue>) -> ArchParams {
+    pub(crate) fn from_lookup<'a>(
+        arch: &str,
+        get: impl Fn(&str) -> Option<&'a MetaValue>,
+    ) -> ArchParams {
         let u32_of = |suffix: &str| -> Option<u32> {
             get(&format!("{arch}.{suffix}"))
                 .and_then(MetaValue::max_u64)

@@ -86,7 +86,7 @@ pub enum GgufError {
     },
 
     /// A GGUF version other than 2 or 3.
-    #[error("{}: unsupported GGUF version {version} (supported: 2 and 3)", path.display())]
+    #[error("{}: unsupported GGUF version {version} (supported: 2 and 3){}", path.display(), endian_hint(*version))]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,
@@ -175,14 +175,30 @@ pub enum GgufError {
     },
 }
 
+/// A hint when a version looks like 2 or 3 written big-endian.
+fn endian_hint(version: u32) -> &'static str {
+    if matches!(version.swap_bytes(), 2 | 3) {
+        "; the file looks big-endian"
+    } else {
+        ""
+    }
+}
+
 impl GgufError {
     /// Shorthand for [`GgufError::Invalid`].
     pub(crate) fn invalid(path: &std::path::Path, what: impl Into<String>) -> GgufError {
-        GgufError::Invalid { path: path.to_path_buf(), what: what.into() }
+        GgufError::Invalid {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
     }
 
     /// Shorthand for [`GgufError::Io`].
     pub(crate) fn io(path: &std::path::Path, op: &'static str, err: std::io::Error) -> GgufError {
-        GgufError::Io { path: path.to_path_buf(), op, err }
+        GgufError::Io {
+            path: path.to_path_buf(),
+            op,
+            err,
+        }
     }
 }

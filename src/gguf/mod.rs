@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 pub use arch::ArchParams;
 pub use error::{GgufError, Section};
 pub use reader::{
-    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_ARRAY_LEN, MAX_DIMS, MAX_KVS, MAX_STRING_LEN, MAX_TENSORS,
-    MAX_TENSOR_NAME_LEN,
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_ARRAY_LEN, MAX_DIMS, MAX_KVS, MAX_STRING_LEN,
+    MAX_TENSORS, MAX_TENSOR_NAME_LEN,
 };
 pub use roles::{classify, TensorRole};
 pub use tensor::TensorInfo;
@@ -79,16 +79,24 @@ impl GgufFile {
 
     /// Total number of weights (sum of all tensors' elements).
     pub fn parameter_count(&self) -> u64 {
-        self.tensors.iter().fold(0u64, |acc, t| acc.saturating_add(t.n_elements()))
+        self.tensors
+            .iter()
+            .fold(0u64, |acc, t| acc.saturating_add(t.n_elements()))
     }
 
     /// Total bytes of tensor data, without padding.
     pub fn tensor_bytes(&self) -> u64 {
-        self.tensors.iter().fold(0u64, |acc, t| acc.saturating_add(t.size))
+        self.tensors
+            .iter()
+            .fold(0u64, |acc, t| acc.saturating_add(t.size))
     }
 
     /// Number of `blk.N` layers seen in tensor names (max N + 1), or 0.
     pub fn layer_count(&self) -> u32 {
-        self.tensors.iter().filter_map(|t| t.layer).max().map_or(0, |m| m.saturating_add(1))
+        self.tensors
+            .iter()
+            .filter_map(|t| t.layer)
+            .max()
+            .map_or(0, |m| m.saturating_add(1))
     }
 }

@@ -119,7 +119,7 @@ impl Reader {
         if len > MAX_STRING_LEN {
             return Err(GgufError::Absurd {
                 path: self.path.clone(),
-                what: format!("{} length at byte {start}", what()),
+                what: format!("length of {} at byte {start}:", what()),
                 value: len,
                 max: MAX_STRING_LEN,
             });
@@ -128,7 +128,8 @@ impl Reader {
         // `len` is at most MAX_STRING_LEN and present in the file: safe to allocate.
         let mut buf = vec![0u8; len as usize];
         self.fill(&mut buf)?;
-        Ok(String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        Ok(String::from_utf8(buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
 
     /// Fails unless `count` items of at least `min_size` bytes each can fit in
@@ -161,20 +162,34 @@ pub(crate) fn open(path: &Path) -> Result<GgufFile, GgufError> {
     let data_offset = align_up(r.pos, alignment)
         .ok_or_else(|| GgufError::invalid(path, "data section offset overflows"))?;
     let tensors = place_tensors(path, raw, data_offset, file_size)?;
-    Ok(GgufFile { path: path.to_path_buf(), version, alignment, data_offset, file_size, metadata, tensors })
+    Ok(GgufFile {
+        path: path.to_path_buf(),
+        version,
+        alignment,
+        data_offset,
+        file_size,
+        metadata,
+        tensors,
+    })
 }
 
 /// The file's size, after rejecting missing paths, directories and empty files.
 fn check_path(path: &Path) -> Result<u64, GgufError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => GgufError::NotFound { path: path.to_path_buf() },
+        std::io::ErrorKind::NotFound => GgufError::NotFound {
+            path: path.to_path_buf(),
+        },
         _ => GgufError::io(path, "stat", e),
     })?;
     if meta.is_dir() {
-        return Err(GgufError::IsDirectory { path: path.to_path_buf() });
+        return Err(GgufError::IsDirectory {
+            path: path.to_path_buf(),
+        });
     }
     if meta.len() == 0 {
-        return Err(GgufError::Empty { path: path.to_path_buf() });
+        return Err(GgufError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(meta.len())
 }
@@ -184,7 +199,10 @@ fn read_header(r: &mut Reader) -> Result<(u32, u64, u64), GgufError> {
     read_magic(r)?;
     let version = r.u32()?;
     if version != 2 && version != 3 {
-        return Err(GgufError::UnsupportedVersion { path: r.path.clone(), version });
+        return Err(GgufError::UnsupportedVersion {
+            path: r.path.clone(),
+            version,
+        });
     }
     let n_tensors = r.u64()?;
     check_count(r, "tensor count", n_tensors, MAX_TENSORS)?;
@@ -199,7 +217,10 @@ fn read_magic(r: &mut Reader) -> Result<(), GgufError> {
     let mut magic = [0u8; 4];
     r.fill(&mut magic[..avail])?;
     if magic[..avail] != GGUF_MAGIC[..avail] {
-        return Err(GgufError::NotGguf { path: r.path.clone(), magic: u32::from_le_bytes(magic) });
+        return Err(GgufError::NotGguf {
+            path: r.path.clone(),
+            magic: u32::from_le_bytes(magic),
+        });
     }
     if avail < 4 {
         return Err(r.truncated());
@@ -209,7 +230,12 @@ fn read_magic(r: &mut Reader) -> Result<(), GgufError> {
 
 fn check_count(r: &Reader, what: &str, value: u64, max: u64) -> Result<(), GgufError> {
     if value > max {
-        return Err(GgufError::Absurd { path: r.path.clone(), what: what.to_string(), value, max });
+        return Err(GgufError::Absurd {
+            path: r.path.clone(),
+            what: what.to_string(),
+            value,
+            max,
+        });
     }
     Ok(())
 }
@@ -222,10 +248,16 @@ fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Vec<(String, MetaValue)>, 
     for i in 0..n_kv {
         let key = r.string(&|| format!("metadata key #{i}"))?;
         if key.is_empty() {
-            return Err(GgufError::invalid(&r.path, format!("metadata key #{i} is empty")));
+            return Err(GgufError::invalid(
+                &r.path,
+                format!("metadata key #{i} is empty"),
+            ));
         }
         if !seen.insert(key.clone()) {
-            return Err(GgufError::invalid(&r.path, format!("duplicate metadata key '{key}'")));
+            return Err(GgufError::invalid(
+                &r.path,
+                format!("duplicate metadata key '{key}'"),
+            ));
         }
         let value = read_value(r, &key)?;
         out.push((key, value));
@@ -237,7 +269,10 @@ fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Vec<(String, MetaValue)>, 
 fn read_value_type(r: &mut Reader, key: &str) -> Result<ValueType, GgufError> {
     let id = r.u32()?;
     ValueType::from_u32(id).ok_or_else(|| {
-        GgufError::invalid(&r.path, format!("metadata key '{key}' has unknown value type {id}"))
+        GgufError::invalid(
+            &r.path,
+            format!("metadata key '{key}' has unknown value type {id}"),
+        )
     })
 }
 
@@ -260,12 +295,17 @@ fn read_scalar(r: &mut Reader, t: ValueType, key: &str) -> Result<MetaValue, Ggu
         ValueType::I32 => MetaValue::I32(i32::from_le_bytes(r.array()?)),
         ValueType::F32 => MetaValue::F32(f32::from_le_bytes(r.array()?)),
         ValueType::Bool => MetaValue::Bool(r.u8()? != 0),
-        ValueType::String => MetaValue::String(r.string(&|| format!("string value of key '{key}'"))?),
+        ValueType::String => {
+            MetaValue::String(r.string(&|| format!("string value of key '{key}'"))?)
+        }
         ValueType::U64 => MetaValue::U64(r.u64()?),
         ValueType::I64 => MetaValue::I64(i64::from_le_bytes(r.array()?)),
         ValueType::F64 => MetaValue::F64(f64::from_le_bytes(r.array()?)),
         ValueType::Array => {
-            return Err(GgufError::invalid(&r.path, format!("metadata key '{key}' is a nested array")))
+            return Err(GgufError::invalid(
+                &r.path,
+                format!("metadata key '{key}' is a nested array"),
+            ))
         }
     })
 }
@@ -273,10 +313,19 @@ fn read_scalar(r: &mut Reader, t: ValueType, key: &str) -> Result<MetaValue, Ggu
 /// An array: element type, length, then the elements.
 fn read_array(r: &mut Reader, key: &str) -> Result<MetaArray, GgufError> {
     let elem = read_value_type(r, key)?;
-    let mut arr = MetaArray::empty(elem)
-        .ok_or_else(|| GgufError::invalid(&r.path, format!("metadata key '{key}' is an array of arrays")))?;
+    let mut arr = MetaArray::empty(elem).ok_or_else(|| {
+        GgufError::invalid(
+            &r.path,
+            format!("metadata key '{key}' is an array of arrays"),
+        )
+    })?;
     let n = r.u64()?;
-    check_count(r, &format!("array length of key '{key}'"), n, MAX_ARRAY_LEN)?;
+    check_count(
+        r,
+        &format!("array length of key '{key}':"),
+        n,
+        MAX_ARRAY_LEN,
+    )?;
     r.need_items(n, elem.min_encoded_size())?;
     for _ in 0..n {
         push_elem(r, &mut arr, key)?;
@@ -301,7 +350,12 @@ fn push_elem(r: &mut Reader, arr: &mut MetaArray, key: &str) -> Result<(), GgufE
         (MetaArray::I64(a), MetaValue::I64(x)) => a.push(x),
         (MetaArray::F64(a), MetaValue::F64(x)) => a.push(x),
         // read_scalar returns the variant of arr.elem_type(), so this is unreachable.
-        _ => return Err(GgufError::invalid(&r.path, format!("metadata key '{key}': array element type mismatch"))),
+        _ => {
+            return Err(GgufError::invalid(
+                &r.path,
+                format!("metadata key '{key}': array element type mismatch"),
+            ))
+        }
     }
     Ok(())
 }
@@ -314,11 +368,17 @@ fn alignment_of(path: &Path, metadata: &[(String, MetaValue)]) -> Result<u64, Gg
     let MetaValue::U32(a) = *v else {
         return Err(GgufError::invalid(
             path,
-            format!("{ALIGNMENT_KEY} must be a u32, found {}", v.value_type().name()),
+            format!(
+                "{ALIGNMENT_KEY} must be a u32, found {}",
+                v.value_type().name()
+            ),
         ));
     };
     if !a.is_power_of_two() {
-        return Err(GgufError::invalid(path, format!("{ALIGNMENT_KEY} {a} is not a power of two")));
+        return Err(GgufError::invalid(
+            path,
+            format!("{ALIGNMENT_KEY} {a} is not a power of two"),
+        ));
     }
     Ok(a.into())
 }
@@ -333,14 +393,21 @@ struct RawTensor {
 }
 
 /// All tensor infos, each validated on its own (name, shape, type, size, alignment).
-fn read_tensor_infos(r: &mut Reader, n_tensors: u64, alignment: u64) -> Result<Vec<RawTensor>, GgufError> {
+fn read_tensor_infos(
+    r: &mut Reader,
+    n_tensors: u64,
+    alignment: u64,
+) -> Result<Vec<RawTensor>, GgufError> {
     r.need_items(n_tensors, MIN_TENSOR_INFO_SIZE)?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity((n_tensors as usize).min(MAX_PREALLOC));
     for i in 0..n_tensors {
         let t = read_tensor_info(r, i, alignment)?;
         if !seen.insert(t.name.clone()) {
-            return Err(GgufError::invalid(&r.path, format!("duplicate tensor name '{}'", t.name)));
+            return Err(GgufError::invalid(
+                &r.path,
+                format!("duplicate tensor name '{}'", t.name),
+            ));
         }
         out.push(t);
     }
@@ -352,8 +419,11 @@ fn read_tensor_info(r: &mut Reader, index: u64, alignment: u64) -> Result<RawTen
     check_tensor_name(&r.path, &name, index)?;
     let dims = read_dims(r, &name)?;
     let type_id = r.u32()?;
-    let ggml_type = GgmlType::from_u32(type_id)
-        .ok_or_else(|| GgufError::UnknownGgmlType { path: r.path.clone(), tensor: name.clone(), type_id })?;
+    let ggml_type = GgmlType::from_u32(type_id).ok_or_else(|| GgufError::UnknownGgmlType {
+        path: r.path.clone(),
+        tensor: name.clone(),
+        type_id,
+    })?;
     let size = tensor_size(&r.path, &name, ggml_type, &dims)?;
     let rel_offset = r.u64()?;
     if !rel_offset.is_multiple_of(alignment) {
@@ -362,18 +432,30 @@ fn read_tensor_info(r: &mut Reader, index: u64, alignment: u64) -> Result<RawTen
             format!("tensor '{name}' offset {rel_offset} is not a multiple of the alignment {alignment}"),
         ));
     }
-    Ok(RawTensor { name, ggml_type, dims, rel_offset, size })
+    Ok(RawTensor {
+        name,
+        ggml_type,
+        dims,
+        rel_offset,
+        size,
+    })
 }
 
 fn check_tensor_name(path: &Path, name: &str, index: u64) -> Result<(), GgufError> {
     if name.is_empty() {
-        return Err(GgufError::invalid(path, format!("tensor #{index} has an empty name")));
+        return Err(GgufError::invalid(
+            path,
+            format!("tensor #{index} has an empty name"),
+        ));
     }
     if name.len() > MAX_TENSOR_NAME_LEN {
         let shown: String = name.chars().take(MAX_TENSOR_NAME_LEN).collect();
         return Err(GgufError::invalid(
             path,
-            format!("tensor name '{shown}...' is too long ({} bytes, max {MAX_TENSOR_NAME_LEN})", name.len()),
+            format!(
+                "tensor name '{shown}...' is too long ({} bytes, max {MAX_TENSOR_NAME_LEN})",
+                name.len()
+            ),
         ));
     }
     Ok(())
@@ -383,19 +465,31 @@ fn check_tensor_name(path: &Path, name: &str, index: u64) -> Result<(), GgufErro
 fn read_dims(r: &mut Reader, name: &str) -> Result<Vec<u64>, GgufError> {
     let n_dims = r.u32()?;
     if n_dims == 0 || n_dims > MAX_DIMS {
-        return Err(GgufError::BadDimensionCount { path: r.path.clone(), tensor: name.to_string(), n_dims });
+        return Err(GgufError::BadDimensionCount {
+            path: r.path.clone(),
+            tensor: name.to_string(),
+            n_dims,
+        });
     }
     let mut dims = Vec::with_capacity(n_dims as usize);
     let mut elems: u64 = 1;
     for j in 0..n_dims {
         let d = r.u64()?;
         if d == 0 {
-            return Err(GgufError::invalid(&r.path, format!("tensor '{name}' dimension {j} is 0")));
+            return Err(GgufError::invalid(
+                &r.path,
+                format!("tensor '{name}' dimension {j} is 0"),
+            ));
         }
         elems = elems
             .checked_mul(d)
             .filter(|&e| e <= i64::MAX as u64)
-            .ok_or_else(|| GgufError::invalid(&r.path, format!("tensor '{name}' has too many elements (shape overflows)")))?;
+            .ok_or_else(|| {
+                GgufError::invalid(
+                    &r.path,
+                    format!("tensor '{name}' has too many elements (shape overflows)"),
+                )
+            })?;
         dims.push(d);
     }
     Ok(dims)
@@ -432,15 +526,26 @@ fn place_tensors(
 ) -> Result<Vec<TensorInfo>, GgufError> {
     let mut tensors = Vec::with_capacity(raw.len());
     for t in raw {
-        let offset = data_offset.checked_add(t.rel_offset).ok_or_else(|| GgufError::TensorPastEnd {
-            path: path.to_path_buf(),
-            tensor: t.name.clone(),
-            start: u64::MAX,
-            end: u64::MAX,
-            file_size,
-        })?;
+        let offset =
+            data_offset
+                .checked_add(t.rel_offset)
+                .ok_or_else(|| GgufError::TensorPastEnd {
+                    path: path.to_path_buf(),
+                    tensor: t.name.clone(),
+                    start: u64::MAX,
+                    end: u64::MAX,
+                    file_size,
+                })?;
         let (role, layer) = classify(&t.name);
-        tensors.push(TensorInfo { name: t.name, ggml_type: t.ggml_type, dims: t.dims, offset, size: t.size, role, layer });
+        tensors.push(TensorInfo {
+            name: t.name,
+            ggml_type: t.ggml_type,
+            dims: t.dims,
+            offset,
+            size: t.size,
+            role,
+            layer,
+        });
     }
     check_layout(path, &tensors, file_size)?;
     Ok(tensors)
@@ -450,14 +555,20 @@ fn place_tensors(
 fn check_layout(path: &Path, tensors: &[TensorInfo], file_size: u64) -> Result<(), GgufError> {
     let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
     by_offset.sort_by_key(|t| t.offset);
-    let outside: Vec<&&TensorInfo> = by_offset.iter().filter(|t| t.offset.checked_add(t.size).is_none_or(|e| e > file_size)).collect();
+    let outside: Vec<&&TensorInfo> = by_offset
+        .iter()
+        .filter(|t| t.offset.checked_add(t.size).is_none_or(|e| e > file_size))
+        .collect();
     if let Some(first) = outside.first() {
         return Err(outside_error(path, first, outside.len(), file_size));
     }
     for pair in by_offset.windows(2) {
         if let [a, b] = pair {
             if a.end() > b.offset {
-                return Err(GgufError::invalid(path, format!("tensors '{}' and '{}' overlap", a.name, b.name)));
+                return Err(GgufError::invalid(
+                    path,
+                    format!("tensors '{}' and '{}' overlap", a.name, b.name),
+                ));
             }
         }
     }
@@ -471,8 +582,20 @@ fn outside_error(path: &Path, t: &TensorInfo, n_outside: usize, file_size: u64) 
     let tensor = t.name.clone();
     let path = path.to_path_buf();
     if n_outside == 1 && start >= file_size {
-        GgufError::TensorPastEnd { path, tensor, start, end, file_size }
+        GgufError::TensorPastEnd {
+            path,
+            tensor,
+            start,
+            end,
+            file_size,
+        }
     } else {
-        GgufError::TensorDataTruncated { path, tensor, start, end, file_size }
+        GgufError::TensorDataTruncated {
+            path,
+            tensor,
+            start,
+            end,
+            file_size,
+        }
     }
 }

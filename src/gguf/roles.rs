@@ -42,15 +42,31 @@ impl TensorRole {
     pub const ALL: [TensorRole; 16] = {
         use TensorRole::*;
         [
-            TokenEmbedding, Output, OutputNorm, AttnNorm, Attention, FfnNorm, FfnGate, FfnUp,
-            FfnDown, FfnGateExps, FfnUpExps, FfnDownExps, FfnGateUpExps, SharedExpert, Router,
+            TokenEmbedding,
+            Output,
+            OutputNorm,
+            AttnNorm,
+            Attention,
+            FfnNorm,
+            FfnGate,
+            FfnUp,
+            FfnDown,
+            FfnGateExps,
+            FfnUpExps,
+            FfnDownExps,
+            FfnGateUpExps,
+            SharedExpert,
+            Router,
             Other,
         ]
     };
 
     /// A dense (non-expert) FFN projection.
     pub fn is_dense_ffn(self) -> bool {
-        matches!(self, TensorRole::FfnGate | TensorRole::FfnUp | TensorRole::FfnDown)
+        matches!(
+            self,
+            TensorRole::FfnGate | TensorRole::FfnUp | TensorRole::FfnDown
+        )
     }
 
     /// Stacked routed experts: the tensors that can be loaded one expert at a time.
@@ -133,7 +149,9 @@ fn strip_suffix(base: &str) -> (&str, bool) {
         .find_map(|s| base.strip_suffix(s).and_then(|b| b.strip_suffix('.')))
         .unwrap_or(base);
     match base.rsplit_once('.') {
-        Some((head, idx)) if !idx.is_empty() && idx.bytes().all(|b| b.is_ascii_digit()) => (head, true),
+        Some((head, idx)) if !idx.is_empty() && idx.bytes().all(|b| b.is_ascii_digit()) => {
+            (head, true)
+        }
         _ => (base, false),
     }
 }
@@ -160,7 +178,10 @@ fn role_of(base: &str) -> TensorRole {
         Attention
     } else if base.ends_with("_shexp") {
         SharedExpert
-    } else if base == "ffn_norm" || base.starts_with("post_ffw_norm") || base.starts_with("pre_ffw_norm") {
+    } else if base == "ffn_norm"
+        || base.starts_with("post_ffw_norm")
+        || base.starts_with("pre_ffw_norm")
+    {
         FfnNorm
     } else {
         Other

@@ -27,7 +27,10 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// Number of elements (product of `dims`; checked when the file was parsed).
     pub fn n_elements(&self) -> u64 {
-        self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX)
+        self.dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .unwrap_or(u64::MAX)
     }
 
     /// Number of stacked experts (`dims[2]`) for a 3-D routed-expert tensor.

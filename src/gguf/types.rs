@@ -102,7 +102,10 @@ impl GgmlType {
 
     /// The type whose ggml name is `name`, ignoring case (`q4_k`, `Q8_0`, `bf16`).
     pub fn from_name(name: &str) -> Option<GgmlType> {
-        Self::ALL.iter().copied().find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// The id stored in GGUF tensor infos.
@@ -144,7 +147,8 @@ impl GgmlType {
     /// block or overflow.
     pub fn tensor_size(self, dims: &[u64]) -> Option<u64> {
         let (&ne0, rest) = dims.split_first()?;
-        rest.iter().try_fold(self.row_size(ne0)?, |acc, &d| acc.checked_mul(d))
+        rest.iter()
+            .try_fold(self.row_size(ne0)?, |acc, &d| acc.checked_mul(d))
     }
 
     /// (name, block size, bytes per block), from ggml's `type_traits`.

@@ -179,7 +179,10 @@ impl MetaValue {
             MetaValue::F32(v) => Some(v.into()),
             MetaValue::F64(v) => Some(v),
             // Integers above 2^53 lose precision; that is what a float view means.
-            _ => self.as_i64().map(|v| v as f64).or_else(|| self.as_u64().map(|v| v as f64)),
+            _ => self
+                .as_i64()
+                .map(|v| v as f64)
+                .or_else(|| self.as_u64().map(|v| v as f64)),
         }
     }
 

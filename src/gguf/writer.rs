@@ -18,7 +18,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::error::GgufError;
-use super::reader::{align_up, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS, MAX_TENSOR_NAME_LEN};
+use super::reader::{
+    align_up, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS, MAX_TENSOR_NAME_LEN,
+};
 use super::types::GgmlType;
 use super::value::{MetaArray, MetaValue};
 
@@ -75,9 +77,14 @@ impl GgufWriter {
     /// Sets the data alignment (a power of two that fits a `u32`, e.g. 4096)
     /// and records it as `general.alignment`. Call before adding tensors.
     pub fn set_alignment(&mut self, alignment: u64) -> Result<(), GgufError> {
-        let a = u32::try_from(alignment).ok().filter(|a| a.is_power_of_two()).ok_or_else(|| {
-            self.err(format!("alignment {alignment} is not a power of two that fits in a u32"))
-        })?;
+        let a = u32::try_from(alignment)
+            .ok()
+            .filter(|a| a.is_power_of_two())
+            .ok_or_else(|| {
+                self.err(format!(
+                    "alignment {alignment} is not a power of two that fits in a u32"
+                ))
+            })?;
         if !self.tensors.is_empty() {
             return Err(self.err("set the alignment before adding tensors".to_string()));
         }
@@ -86,7 +93,8 @@ impl GgufWriter {
             Some((_, v)) => *v = MetaValue::U32(a),
             None => {
                 self.keys.insert(ALIGNMENT_KEY.to_string());
-                self.metadata.push((ALIGNMENT_KEY.to_string(), MetaValue::U32(a)));
+                self.metadata
+                    .push((ALIGNMENT_KEY.to_string(), MetaValue::U32(a)));
             }
         }
         Ok(())
@@ -104,7 +112,10 @@ impl GgufWriter {
         if key == ALIGNMENT_KEY {
             return match value {
                 MetaValue::U32(a) => self.set_alignment(a.into()),
-                v => Err(self.err(format!("{ALIGNMENT_KEY} must be a u32, not {}", v.value_type().name()))),
+                v => Err(self.err(format!(
+                    "{ALIGNMENT_KEY} must be a u32, not {}",
+                    v.value_type().name()
+                ))),
             };
         }
         if key.is_empty() {
@@ -119,29 +130,46 @@ impl GgufWriter {
 
     /// Declares the next tensor; its data is written by the fill callback of
     /// [`GgufWriter::write`], in declaration order.
-    pub fn add_tensor(&mut self, name: &str, ggml_type: GgmlType, dims: &[u64]) -> Result<&TensorSpec, GgufError> {
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        ggml_type: GgmlType,
+        dims: &[u64],
+    ) -> Result<&TensorSpec, GgufError> {
         self.check_tensor(name, ggml_type, dims)?;
-        let size = ggml_type
-            .tensor_size(dims)
-            .ok_or_else(|| self.err(format!("tensor '{name}' {dims:?} is not whole {ggml_type} blocks or overflows")))?;
+        let size = ggml_type.tensor_size(dims).ok_or_else(|| {
+            self.err(format!(
+                "tensor '{name}' {dims:?} is not whole {ggml_type} blocks or overflows"
+            ))
+        })?;
         let rel_offset = self.data_size;
         self.data_size = align_up(size, self.alignment)
             .and_then(|s| rel_offset.checked_add(s))
             .ok_or_else(|| self.err("tensor data size overflows".to_string()))?;
         self.names.insert(name.to_string());
-        self.tensors.push(TensorSpec { name: name.to_string(), ggml_type, dims: dims.to_vec(), size, rel_offset });
+        self.tensors.push(TensorSpec {
+            name: name.to_string(),
+            ggml_type,
+            dims: dims.to_vec(),
+            size,
+            rel_offset,
+        });
         Ok(&self.tensors[self.tensors.len() - 1])
     }
 
     fn check_tensor(&self, name: &str, ggml_type: GgmlType, dims: &[u64]) -> Result<(), GgufError> {
         if name.is_empty() || name.len() > MAX_TENSOR_NAME_LEN {
-            return Err(self.err(format!("tensor name '{name}' must be 1 to {MAX_TENSOR_NAME_LEN} bytes")));
+            return Err(self.err(format!(
+                "tensor name '{name}' must be 1 to {MAX_TENSOR_NAME_LEN} bytes"
+            )));
         }
         if self.names.contains(name) {
             return Err(self.err(format!("duplicate tensor name '{name}'")));
         }
         if dims.is_empty() || dims.len() > MAX_DIMS as usize || dims.contains(&0) {
-            return Err(self.err(format!("tensor '{name}' shape {dims:?} must have 1 to 4 non-zero dims")));
+            return Err(self.err(format!(
+                "tensor '{name}' shape {dims:?} must have 1 to 4 non-zero dims"
+            )));
         }
         if ggml_type.row_size(dims[0]).is_none() {
             return Err(self.err(format!(
@@ -166,7 +194,8 @@ impl GgufWriter {
     /// Absolute offset where tensor data will start (header size rounded up).
     pub fn data_offset(&self) -> Result<u64, GgufError> {
         let header = self.header_bytes();
-        align_up(header.len() as u64, self.alignment).ok_or_else(|| self.err("header size overflows".to_string()))
+        align_up(header.len() as u64, self.alignment)
+            .ok_or_else(|| self.err("header size overflows".to_string()))
     }
 
     /// The size the finished file will have.
@@ -186,8 +215,11 @@ impl GgufWriter {
         let file = File::create(&self.path).map_err(|e| GgufError::io(&self.path, "create", e))?;
         let mut out = BufWriter::with_capacity(8 << 20, file);
         let n = self.write_to(&mut out, fill)?;
-        let file = out.into_inner().map_err(|e| GgufError::io(&self.path, "write", e.into_error()))?;
-        file.sync_all().map_err(|e| GgufError::io(&self.path, "sync", e))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| GgufError::io(&self.path, "write", e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| GgufError::io(&self.path, "sync", e))?;
         Ok(n)
     }
 
@@ -197,7 +229,10 @@ impl GgufWriter {
         F: FnMut(&TensorSpec, &mut dyn Write) -> std::io::Result<()>,
     {
         let header = self.header_bytes();
-        let mut sink = Counter { inner: out, written: 0 };
+        let mut sink = Counter {
+            inner: out,
+            written: 0,
+        };
         sink.write_all(&header).map_err(|e| self.io_err(e))?;
         self.pad(&mut sink)?;
         for spec in &self.tensors {
@@ -208,13 +243,25 @@ impl GgufWriter {
         Ok(sink.written)
     }
 
-    fn write_tensor<W: Write, F>(&self, sink: &mut Counter<W>, spec: &TensorSpec, fill: &mut F) -> Result<(), GgufError>
+    fn write_tensor<W: Write, F>(
+        &self,
+        sink: &mut Counter<W>,
+        spec: &TensorSpec,
+        fill: &mut F,
+    ) -> Result<(), GgufError>
     where
         F: FnMut(&TensorSpec, &mut dyn Write) -> std::io::Result<()>,
     {
-        let mut limited = Limited { inner: sink, left: spec.size };
+        let mut limited = Limited {
+            inner: sink,
+            left: spec.size,
+        };
         fill(spec, &mut limited).map_err(|e| {
-            GgufError::io(&self.path, "write", std::io::Error::new(e.kind(), format!("tensor '{}': {e}", spec.name)))
+            GgufError::io(
+                &self.path,
+                "write",
+                std::io::Error::new(e.kind(), format!("tensor '{}': {e}", spec.name)),
+            )
         })?;
         if limited.left != 0 {
             return Err(self.err(format!(
@@ -229,7 +276,8 @@ impl GgufWriter {
 
     /// Zero bytes up to the next multiple of the alignment.
     fn pad<W: Write>(&self, sink: &mut Counter<W>) -> Result<(), GgufError> {
-        let target = align_up(sink.written, self.alignment).ok_or_else(|| self.err("offset overflows".to_string()))?;
+        let target = align_up(sink.written, self.alignment)
+            .ok_or_else(|| self.err("offset overflows".to_string()))?;
         let zeros = [0u8; 4096];
         while sink.written < target {
             let n = (target - sink.written).min(zeros.len() as u64) as usize;
@@ -336,7 +384,10 @@ impl<W: Write> Write for Limited<'_, '_, W> {
         if buf.len() as u64 > self.left {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("{} bytes written past the end of the tensor", buf.len() as u64 - self.left),
+                format!(
+                    "{} bytes written past the end of the tensor",
+                    buf.len() as u64 - self.left
+                ),
             ));
         }
         let n = self.inner.write(buf)?;
@@ -377,6 +428,8 @@ impl From<MetaArray> for MetaValue {
 
 impl From<Vec<&str>> for MetaValue {
     fn from(v: Vec<&str>) -> MetaValue {
-        MetaValue::Array(MetaArray::String(v.into_iter().map(str::to_string).collect()))
+        MetaValue::Array(MetaArray::String(
+            v.into_iter().map(str::to_string).collect(),
+        ))
     }
 }

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use super::{warn_once, IoError, Simulate, ALIGN, DIRECT_WARNED};
+use super::{warn_once, IoError, Simulate, DIRECT_WARNED};
 
 /// A file of a reader.
 #[derive(Debug)]
@@ -78,10 +78,10 @@ fn open_direct(path: &Path, simulate: &Simulate) -> std::io::Result<File> {
         .open(path)?;
     // Some filesystems accept O_DIRECT at open and refuse the reads; find out now.
     if f.metadata()?.len() > 0 {
-        let mut probe = super::AlignedBuf::new(ALIGN)?;
+        let mut probe = super::AlignedBuf::new(super::ALIGN)?;
         loop {
             // SAFETY: `probe` is an owned, 4096-aligned buffer of ALIGN bytes.
-            let n = unsafe { libc::pread(f.as_raw_fd(), probe.as_mut_ptr().cast(), ALIGN, 0) };
+            let n = unsafe { libc::pread(f.as_raw_fd(), probe.as_mut_ptr().cast(), super::ALIGN, 0) };
             if n >= 0 {
                 break;
             }

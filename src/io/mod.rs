@@ -377,7 +377,9 @@ fn validate_options(o: &IoOptions) -> Result<(), IoError> {
 #[cfg(target_os = "linux")]
 static URING_WARNED: AtomicBool = AtomicBool::new(false);
 pub(crate) static DIRECT_WARNED: AtomicBool = AtomicBool::new(false);
+#[cfg(target_os = "linux")]
 pub(crate) static FIXED_BUF_WARNED: AtomicBool = AtomicBool::new(false);
+#[cfg(target_os = "linux")]
 pub(crate) static FIXED_FILE_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Records a fallback; the warning is logged once per process (later ones at debug level).

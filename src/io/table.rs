@@ -24,6 +24,7 @@ pub(crate) struct Chunk {
     pub gen: u32,
     pub fd: RawFd,
     /// Index in the io_uring fixed-file table, if registered.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub fixed_file: Option<u32>,
     pub direct: bool,
     pub off: u64,
@@ -345,6 +346,7 @@ impl Table {
 
 /// Requests to the io_uring driver thread, run while the ring is idle.
 #[derive(Debug)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) enum Control {
     /// (address, length) pieces of at most 1 GiB.
     RegisterBuffers(Vec<(usize, usize)>),
@@ -352,6 +354,7 @@ pub(crate) enum Control {
     RegisterFile { index: u32, fd: RawFd },
 }
 
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 pub(crate) struct Core {
     pub table: Table,
     pub shutdown: bool,

@@ -188,7 +188,7 @@ fn simd_features() -> Vec<String> {
             ($($f:tt => $n:expr),*) => { $( if std::arch::is_aarch64_feature_detected!($f) { out.push($n.to_string()); } )* };
         }
         arm!("neon" => "NEON", "fp16" => "FP16_VA", "dotprod" => "DOTPROD", "i8mm" => "MATMUL_INT8",
-             "sve" => "SVE", "sve2" => "SVE2", "sme" => "SME");
+             "sve" => "SVE", "sve2" => "SVE2");
     }
     out
 }

@@ -83,7 +83,11 @@ pub fn f32_to_f16(x: f32) -> u16 {
     if e >= 0x1f {
         return sign | 0x7c00;
     }
-    let (full, shift) = if e <= 0 { (mant | 0x80_0000, (14 - e) as u32) } else { (mant, 13) };
+    let (full, shift) = if e <= 0 {
+        (mant | 0x80_0000, (14 - e) as u32)
+    } else {
+        (mant, 13)
+    };
     if shift > 24 {
         return sign;
     }
@@ -123,7 +127,13 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 
 /// Writes `n_elements` values of type `t` following `init` to `out`, in
 /// chunks of whole blocks (never the whole tensor at once).
-pub fn write_tensor_data(t: GgmlType, n_elements: u64, init: Init, rng: &mut Rng, out: &mut dyn Write) -> std::io::Result<()> {
+pub fn write_tensor_data(
+    t: GgmlType,
+    n_elements: u64,
+    init: Init,
+    rng: &mut Rng,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     let block = t.block_size();
     let block_bytes = t.type_size() as usize;
     let n_blocks = n_elements / block;
@@ -146,9 +156,15 @@ pub fn write_tensor_data(t: GgmlType, n_elements: u64, init: Init, rng: &mut Rng
 /// Fills one block (`buf.len() == t.type_size()`).
 fn encode_block(t: GgmlType, init: Init, rng: &mut Rng, buf: &mut [u8]) -> std::io::Result<()> {
     match t {
-        GgmlType::F32 => fill_floats(buf, 4, init, rng, |x| x.to_le_bytes().to_vec()),
-        GgmlType::F16 => fill_floats(buf, 2, init, rng, |x| f32_to_f16(x).to_le_bytes().to_vec()),
-        GgmlType::BF16 => fill_floats(buf, 2, init, rng, |x| f32_to_bf16(x).to_le_bytes().to_vec()),
+        GgmlType::F32 => fill_floats(buf, 4, init, rng, |x, s| {
+            s.copy_from_slice(&x.to_le_bytes())
+        }),
+        GgmlType::F16 => fill_floats(buf, 2, init, rng, |x, s| {
+            s.copy_from_slice(&f32_to_f16(x).to_le_bytes())
+        }),
+        GgmlType::BF16 => fill_floats(buf, 2, init, rng, |x, s| {
+            s.copy_from_slice(&f32_to_bf16(x).to_le_bytes())
+        }),
         _ => {
             let std = match init {
                 Init::Random { std } => std,
@@ -164,17 +180,26 @@ fn encode_block(t: GgmlType, init: Init, rng: &mut Rng, buf: &mut [u8]) -> std::
 }
 
 fn unsupported(t: GgmlType) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::Unsupported, format!("cannot generate {t} data"))
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        format!("cannot generate {t} data"),
+    )
 }
 
-/// Fills a block of plain floats of `width` bytes each.
-fn fill_floats(buf: &mut [u8], width: usize, init: Init, rng: &mut Rng, enc: impl Fn(f32) -> Vec<u8>) {
+/// Fills a block of plain floats of `width` bytes each; `enc` stores one value.
+fn fill_floats(
+    buf: &mut [u8],
+    width: usize,
+    init: Init,
+    rng: &mut Rng,
+    enc: impl Fn(f32, &mut [u8]),
+) {
     for slot in buf.chunks_exact_mut(width) {
         let x = match init {
             Init::Ones { noise } => 1.0 + noise * (rng.next_f32() * 2.0 - 1.0),
             Init::Random { std } => std * rng.unit_uniform(),
         };
-        slot.copy_from_slice(&enc(x));
+        enc(x, slot);
     }
 }
 
@@ -229,7 +254,13 @@ mod tests {
 
     #[test]
     fn f16_conversion_matches_known_values() {
-        for (x, h) in [(1.0f32, 0x3c00u16), (0.5, 0x3800), (-2.0, 0xc000), (65504.0, 0x7bff), (1e6, 0x7c00)] {
+        for (x, h) in [
+            (1.0f32, 0x3c00u16),
+            (0.5, 0x3800),
+            (-2.0, 0xc000),
+            (65504.0, 0x7bff),
+            (1e6, 0x7c00),
+        ] {
             assert_eq!(f32_to_f16(x), h, "{x}");
         }
         assert_eq!(f32_to_f16(6.103_515_6e-5), 0x0400);
@@ -245,13 +276,23 @@ mod tests {
     fn q8_0_blocks_have_the_target_std() {
         let mut rng = Rng::new(3);
         let mut data = Vec::new();
-        write_tensor_data(GgmlType::Q8_0, 32 * 1000, Init::Random { std: 0.02 }, &mut rng, &mut data).unwrap();
+        write_tensor_data(
+            GgmlType::Q8_0,
+            32 * 1000,
+            Init::Random { std: 0.02 },
+            &mut rng,
+            &mut data,
+        )
+        .unwrap();
         assert_eq!(data.len(), 34 * 1000);
         let mut sum_sq = 0f64;
         for block in data.chunks_exact(34) {
             let d = f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
             assert!(d.is_finite() && d > 0.0);
-            sum_sq += block[2..].iter().map(|&q| (f64::from(q as i8) * f64::from(d)).powi(2)).sum::<f64>();
+            sum_sq += block[2..]
+                .iter()
+                .map(|&q| (f64::from(q as i8) * f64::from(d)).powi(2))
+                .sum::<f64>();
         }
         let std = (sum_sq / 32000.0).sqrt();
         assert!((std - 0.02).abs() < 0.002, "std {std}");

@@ -113,23 +113,39 @@ impl SynthConfig {
     pub fn validate(&self) -> Result<(), SynthError> {
         let fail = |m: String| Err(SynthError::Config(m));
         if self.n_layer == 0 || self.n_layer > MAX_LAYERS {
-            return fail(format!("layer count {} must be 1 to {MAX_LAYERS}", self.n_layer));
+            return fail(format!(
+                "layer count {} must be 1 to {MAX_LAYERS}",
+                self.n_layer
+            ));
         }
         if self.n_embd == 0 || self.n_head == 0 || self.n_head_kv == 0 {
             return fail("embedding size and head counts must be at least 1".to_string());
         }
         if !self.n_embd.is_multiple_of(self.n_head) || !self.head_dim().is_multiple_of(2) {
-            return fail(format!("embedding size {} must be an even multiple of the head count {}", self.n_embd, self.n_head));
+            return fail(format!(
+                "embedding size {} must be the head count {} times an even head size",
+                self.n_embd, self.n_head
+            ));
         }
         if !self.n_head.is_multiple_of(self.n_head_kv) {
-            return fail(format!("head count {} must be a multiple of the KV head count {}", self.n_head, self.n_head_kv));
+            return fail(format!(
+                "head count {} must be a multiple of the KV head count {}",
+                self.n_head, self.n_head_kv
+            ));
         }
         if self.n_vocab < MIN_VOCAB || self.n_vocab > i32::MAX as u32 {
-            return fail(format!("vocabulary size {} must be at least {MIN_VOCAB}", self.n_vocab));
+            return fail(format!(
+                "vocabulary size {} must be at least {MIN_VOCAB}",
+                self.n_vocab
+            ));
         }
         if !SUPPORTED_TYPES.contains(&self.weight_type) {
             let names: Vec<&str> = SUPPORTED_TYPES.iter().map(|t| t.name()).collect();
-            return fail(format!("cannot generate {} weights (supported: {})", self.weight_type, names.join(", ")));
+            return fail(format!(
+                "cannot generate {} weights (supported: {})",
+                self.weight_type,
+                names.join(", ")
+            ));
         }
         self.validate_ffn()
     }
@@ -138,15 +154,28 @@ impl SynthConfig {
         let fail = |m: String| Err(SynthError::Config(m));
         if !self.arch.is_moe() {
             if self.n_expert != 0 {
-                return fail("dense llama has no experts (use the mixtral or qwen3moe architecture)".to_string());
+                return fail(
+                    "dense llama has no experts (use the mixtral or qwen3moe architecture)"
+                        .to_string(),
+                );
             }
-            return if self.n_ff == 0 { fail("FFN width must be at least 1".to_string()) } else { Ok(()) };
+            return if self.n_ff == 0 {
+                fail("FFN width must be at least 1".to_string())
+            } else {
+                Ok(())
+            };
         }
         if self.n_expert == 0 || self.n_expert > MAX_EXPERTS {
-            return fail(format!("expert count {} must be 1 to {MAX_EXPERTS}", self.n_expert));
+            return fail(format!(
+                "expert count {} must be 1 to {MAX_EXPERTS}",
+                self.n_expert
+            ));
         }
         if self.n_expert_used == 0 || self.n_expert_used > self.n_expert {
-            return fail(format!("experts used {} must be 1 to the expert count {}", self.n_expert_used, self.n_expert));
+            return fail(format!(
+                "experts used {} must be 1 to the expert count {}",
+                self.n_expert_used, self.n_expert
+            ));
         }
         if self.n_ff_exp == 0 || (self.arch == SynthArch::Qwen3Moe && self.n_ff == 0) {
             return fail("FFN widths must be at least 1".to_string());
@@ -217,7 +246,11 @@ struct Planned {
 }
 
 fn planned(name: String, kind: Kind, dims: &[u32]) -> Planned {
-    Planned { name, kind, dims: dims.iter().map(|&d| u64::from(d)).collect() }
+    Planned {
+        name,
+        kind,
+        dims: dims.iter().map(|&d| u64::from(d)).collect(),
+    }
 }
 
 /// The tensors llama.cpp's loader expects for `cfg`, in file order.
@@ -280,14 +313,21 @@ fn add_metadata(cfg: &SynthConfig, w: &mut GgufWriter) -> Result<(), GgufError> 
     let a = cfg.arch.gguf_name();
     let k = |s: &str| format!("{a}.{s}");
     w.add_kv("general.architecture", a)?;
-    w.add_kv("general.name", format!("hypura synthetic {a} {}L", cfg.n_layer))?;
+    w.add_kv(
+        "general.name",
+        format!("hypura synthetic {a} {}L", cfg.n_layer),
+    )?;
     w.add_kv("general.file_type", cfg.file_type())?;
     w.add_kv("general.quantization_version", 2u32)?;
     w.add_kv("hypura.synthetic.seed", cfg.seed)?;
     w.add_kv(&k("context_length"), cfg.n_ctx)?;
     w.add_kv(&k("embedding_length"), cfg.n_embd)?;
     w.add_kv(&k("block_count"), cfg.n_layer)?;
-    let ff = if cfg.arch == SynthArch::Mixtral { cfg.n_ff_exp } else { cfg.n_ff };
+    let ff = if cfg.arch == SynthArch::Mixtral {
+        cfg.n_ff_exp
+    } else {
+        cfg.n_ff
+    };
     w.add_kv(&k("feed_forward_length"), ff)?;
     w.add_kv(&k("attention.head_count"), cfg.n_head)?;
     w.add_kv(&k("attention.head_count_kv"), cfg.n_head_kv)?;
@@ -329,7 +369,12 @@ pub fn planned_size(cfg: &SynthConfig) -> Result<u64, SynthError> {
 
 /// The largest layer count (at least 1) whose file fits in `target` bytes.
 pub fn layers_for_size(cfg: &SynthConfig, target: u64) -> Result<u32, SynthError> {
-    let with = |n: u32| planned_size(&SynthConfig { n_layer: n, ..cfg.clone() });
+    let with = |n: u32| {
+        planned_size(&SynthConfig {
+            n_layer: n,
+            ..cfg.clone()
+        })
+    };
     let (one, two) = (with(1)?, with(2)?);
     let per_layer = two.saturating_sub(one).max(1);
     let fixed = one.saturating_sub(per_layer);
@@ -355,7 +400,11 @@ pub struct SynthSummary {
 
 /// Writes the model for `cfg` to `path`, streaming tensor data; `progress`
 /// is called with the total bytes written so far (and the final total).
-pub fn generate(cfg: &SynthConfig, path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<SynthSummary, SynthError> {
+pub fn generate(
+    cfg: &SynthConfig,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SynthSummary, SynthError> {
     let (w, inits) = build(cfg, path)?;
     let total = w.file_size()?;
     let header = w.data_offset()?;
@@ -363,15 +412,27 @@ pub fn generate(cfg: &SynthConfig, path: &Path, progress: &mut dyn FnMut(u64, u6
     progress(done, total);
     let mut index = 0usize;
     let bytes = w.write(|spec, out| {
-        let init = inits.get(index).copied().unwrap_or(Init::Random { std: 0.01 });
+        let init = inits
+            .get(index)
+            .copied()
+            .unwrap_or(Init::Random { std: 0.01 });
         let mut rng = Rng::for_stream(cfg.seed, index as u64);
         index += 1;
-        let mut counting = Progress { inner: out, done: &mut done, total, progress: &mut *progress };
+        let mut counting = Progress {
+            inner: out,
+            done: &mut done,
+            total,
+            progress: &mut *progress,
+        };
         let n_elements = spec.dims.iter().product();
         blocks::write_tensor_data(spec.ggml_type, n_elements, init, &mut rng, &mut counting)
     })?;
     progress(bytes, total);
-    Ok(SynthSummary { path: path.to_path_buf(), bytes, tensors: inits.len() })
+    Ok(SynthSummary {
+        path: path.to_path_buf(),
+        bytes,
+        tensors: inits.len(),
+    })
 }
 
 /// Reports bytes as they pass.

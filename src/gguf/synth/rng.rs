@@ -20,7 +20,14 @@ impl Rng {
     /// A generator whose whole state is derived from `seed` by splitmix64.
     pub fn new(seed: u64) -> Rng {
         let mut sm = seed;
-        Rng { s: [splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)] }
+        Rng {
+            s: [
+                splitmix64(&mut sm),
+                splitmix64(&mut sm),
+                splitmix64(&mut sm),
+                splitmix64(&mut sm),
+            ],
+        }
     }
 
     /// An independent stream for item `index` under `seed` (e.g. one per tensor).
@@ -79,7 +86,10 @@ mod tests {
         let mut a = Rng::new(42);
         let mut b = Rng::new(42);
         assert_eq!(a.next_u64(), b.next_u64());
-        assert_ne!(Rng::for_stream(1, 0).next_u64(), Rng::for_stream(1, 1).next_u64());
+        assert_ne!(
+            Rng::for_stream(1, 0).next_u64(),
+            Rng::for_stream(1, 1).next_u64()
+        );
     }
 
     #[test]
@@ -89,6 +99,9 @@ mod tests {
         let xs: Vec<f32> = (0..n).map(|_| r.unit_uniform()).collect();
         let mean = xs.iter().sum::<f32>() / n as f32;
         let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n as f32;
-        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
+            "mean {mean} var {var}"
+        );
     }
 }

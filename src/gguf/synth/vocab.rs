@@ -40,7 +40,11 @@ impl Vocab {
     /// A vocabulary of exactly `n` tokens (`n >= MIN_VOCAB`, checked by the caller).
     pub fn spm(n: u32) -> Vocab {
         let n = n as usize;
-        let mut v = Vocab { tokens: Vec::with_capacity(n), scores: Vec::with_capacity(n), types: Vec::with_capacity(n) };
+        let mut v = Vocab {
+            tokens: Vec::with_capacity(n),
+            scores: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+        };
         v.push("<unk>".to_string(), 0.0, TYPE_UNKNOWN);
         v.push("<s>".to_string(), 0.0, TYPE_CONTROL);
         v.push("</s>".to_string(), 0.0, TYPE_CONTROL);
@@ -48,7 +52,11 @@ impl Vocab {
             v.push(format!("<0x{b:02X}>"), 0.0, TYPE_BYTE);
         }
         let mut seen: HashSet<String> = v.tokens.iter().cloned().collect();
-        for (rank, piece) in word_pieces().filter(|p| seen.insert(p.clone())).take(n.saturating_sub(v.tokens.len())).enumerate() {
+        for (rank, piece) in word_pieces()
+            .filter(|p| seen.insert(p.clone()))
+            .take(n.saturating_sub(v.tokens.len()))
+            .enumerate()
+        {
             v.push(piece, -(rank as f32), TYPE_NORMAL);
         }
         v
@@ -77,7 +85,8 @@ impl Vocab {
 
 /// `▁`, printable ASCII, then `▁a`, `▁b`, ..., `▁aa`, `aa`, ... forever.
 fn word_pieces() -> impl Iterator<Item = String> {
-    let singles = std::iter::once(SPACE.to_string()).chain((0x21u8..=0x7e).map(|b| char::from(b).to_string()));
+    let singles = std::iter::once(SPACE.to_string())
+        .chain((0x21u8..=0x7e).map(|b| char::from(b).to_string()));
     let words = (0u64..).flat_map(|i| {
         let w = letters(i);
         [format!("{SPACE}{w}"), w]

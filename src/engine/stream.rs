@@ -1,0 +1,668 @@
+//! The streaming engine: streamed tensors live in Hypura's buffer type, their
+//! `data` points into pool memory filled by the I/O engine, and llama.cpp's
+//! eval callback (`cb_eval`) drives it:
+//!
+//! - ask=true on `l_out-N` (the last node of layer N) returns true, so the
+//!   range of nodes that computes layer N runs on its own. Before returning,
+//!   the callback waits until layer N's streamed weights are in the pool.
+//! - ask=false on `l_out-N` (layer N is done): its slot is released (tensors
+//!   re-pointed at a PROT_NONE guard) and the next `lookahead` streamed layers
+//!   are submitted, in cyclic order so the next token's first layers load
+//!   while this token's last layers compute.
+//! - MoE: ask=true on `ffn_moe_topk-N` returns true as well; at ask=false the
+//!   selected expert ids are read and only those experts are loaded (each
+//!   expert is a contiguous range of its `*_exps` tensor) before the experts'
+//!   matmuls run. Experts stay cached across tokens within the pool budget.
+//!
+//! Everything the hot path needs is allocated in [`Streamer::new`]; the
+//! callback itself never allocates.
+
+use std::ffi::{c_void, CStr};
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use hypura_sys as sys;
+use serde::Serialize;
+
+use crate::io::{slot_len_for, slot_offset_for, FileId, ReadBackend, ReadRequest, Ticket, ALIGN};
+use crate::scheduler::{Mode, Plan};
+
+use super::context::EvalCallback;
+use super::stream_buft::{ReportedTensor, StreamBufferType};
+
+/// Counters of the streaming engine (totals since start).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StreamMetrics {
+    /// Bytes read from disk (aligned reads, as the drive saw them).
+    pub bytes_read: u64,
+    /// Read requests submitted.
+    pub reads: u64,
+    /// Time the compute waited on I/O.
+    pub stall_ns: u64,
+    /// Time spent inside the callback with the I/O engine busy (for GB/s).
+    pub io_busy_ns: u64,
+    /// Expert loads avoided because an earlier token had loaded the expert.
+    pub expert_hits: u64,
+    /// Experts read from disk.
+    pub expert_misses: u64,
+    /// Full passes over the layers (one per decode/ubatch).
+    pub passes: u64,
+}
+
+impl StreamMetrics {
+    pub fn since(&self, earlier: &StreamMetrics) -> StreamMetrics {
+        StreamMetrics {
+            bytes_read: self.bytes_read - earlier.bytes_read,
+            reads: self.reads - earlier.reads,
+            stall_ns: self.stall_ns - earlier.stall_ns,
+            io_busy_ns: self.io_busy_ns - earlier.io_busy_ns,
+            expert_hits: self.expert_hits - earlier.expert_hits,
+            expert_misses: self.expert_misses - earlier.expert_misses,
+            passes: self.passes - earlier.passes,
+        }
+    }
+    /// Cross-token expert cache hit rate in [0, 1].
+    pub fn hit_rate(&self) -> Option<f64> {
+        let n = self.expert_hits + self.expert_misses;
+        (n > 0).then(|| self.expert_hits as f64 / n as f64)
+    }
+}
+
+/// Anonymous memory owned by the engine (pool or guard), unmapped on drop.
+struct Mapping {
+    ptr: NonNull<c_void>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize, prot: nix::sys::mman::ProtFlags, noreserve: bool) -> Result<Mapping> {
+        use nix::sys::mman::{mmap_anonymous, MapFlags};
+        let len = len.max(ALIGN).next_multiple_of(ALIGN);
+        let mut flags = MapFlags::MAP_PRIVATE;
+        if noreserve {
+            flags |= MapFlags::MAP_NORESERVE;
+        }
+        let nz = std::num::NonZeroUsize::new(len).context("empty mapping")?;
+        // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
+        let ptr = unsafe { mmap_anonymous(None, nz, prot, flags) }
+            .with_context(|| format!("cannot map {len} bytes for the streaming pool"))?;
+        Ok(Mapping { ptr, len })
+    }
+    fn base(&self) -> *mut u8 {
+        self.ptr.as_ptr().cast()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping; tensors pointing into it are re-pointed
+        // at the guard or belong to a model already freed.
+        unsafe {
+            let _ = nix::sys::mman::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+/// A streamed dense tensor inside a layer's slot.
+struct DenseTensor {
+    tensor: *mut sys::ggml_tensor,
+    /// Where ggml placed it in the reserved (never written) buffer: reads as
+    /// zeros. Used after an I/O error so the aborted compute cannot fault.
+    zeros: *mut c_void,
+    file_offset: u64,
+    size: usize,
+    /// Offset of its aligned read inside the slot.
+    in_slot: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum LayerState {
+    Idle,
+    Loading,
+    Ready,
+}
+
+/// A dense layer whose FFN streams.
+struct DenseLayer {
+    tensors: Vec<DenseTensor>,
+    state: LayerState,
+    slot: usize,
+    tickets: Vec<Ticket>,
+}
+
+/// One `*_exps` tensor of a layer, its address range in the expert arena.
+struct ExpertTensor {
+    tensor: *mut sys::ggml_tensor,
+    file_offset: u64,
+    expert_bytes: usize,
+    n_experts: usize,
+    /// Where expert 0 starts in memory (same offset mod 4096 as in the file).
+    base: *mut u8,
+}
+
+struct ExpertLayer {
+    tensors: Vec<ExpertTensor>,
+    /// Per expert: loaded (its bytes are valid in every tensor of the layer).
+    loaded: Vec<bool>,
+    /// Per expert: the pass it was last used in (for eviction).
+    last_used: Vec<u64>,
+    /// Per expert: times it was selected (co-activation statistics).
+    uses: Vec<u32>,
+}
+
+/// The streaming engine; boxed, its address is the callback's user data.
+pub struct Streamer {
+    reader: Box<dyn ReadBackend>,
+    mode: Mode,
+    lookahead: usize,
+    n_layer: usize,
+    // Dense mode.
+    dense: Vec<Option<DenseLayer>>,
+    order: Vec<u32>,
+    pos_of: Vec<usize>,
+    free_slots: Vec<usize>,
+    slot_bytes: usize,
+    pool: Option<Mapping>,
+    guard: Mapping,
+    // Expert mode.
+    experts: Vec<Option<ExpertLayer>>,
+    arena: Option<Mapping>,
+    expert_budget: u64,
+    expert_resident: u64,
+    ids_scratch: Vec<i32>,
+    tickets_scratch: Vec<Ticket>,
+    // State.
+    metrics: StreamMetrics,
+    error: Option<String>,
+}
+
+const L_OUT: &[u8] = b"l_out-";
+const TOPK: &[u8] = b"ffn_moe_topk-";
+
+/// Layer index of a node named `PREFIX<digits>` (optionally followed by ` (view)` etc.).
+fn node_layer(name: &[u8], prefix: &[u8]) -> Option<usize> {
+    let rest = name.strip_prefix(prefix)?;
+    let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+    if digits == 0 || (digits < rest.len() && rest[digits] != b' ') {
+        return None;
+    }
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+impl Streamer {
+    /// Takes over the streamed tensors llama.cpp placed in `buft` (after the
+    /// model is loaded and names are restored) and sets up the pool.
+    pub fn new(plan: &Plan, buft: &StreamBufferType, reader: Box<dyn ReadBackend>) -> Result<Box<Streamer>> {
+        let reported = buft.reported();
+        let find = |name: &str| -> Result<&ReportedTensor> {
+            reported
+                .iter()
+                .find(|r| r.name == name)
+                .with_context(|| format!("llama.cpp did not place '{name}' in the streaming buffer"))
+        };
+        let n_layer = plan.streamed.iter().map(|t| t.layer as usize + 1).max().unwrap_or(0);
+        let max_tensor = plan.streamed.iter().map(|t| t.size as usize).max().unwrap_or(ALIGN);
+        let guard = Mapping::new(max_tensor + ALIGN, nix::sys::mman::ProtFlags::PROT_NONE, true)?;
+        let mut s = Streamer {
+            reader,
+            mode: plan.mode,
+            lookahead: plan.lookahead,
+            n_layer,
+            dense: Vec::new(),
+            order: Vec::new(),
+            pos_of: vec![usize::MAX; n_layer],
+            free_slots: Vec::new(),
+            slot_bytes: 0,
+            pool: None,
+            guard,
+            experts: Vec::new(),
+            arena: None,
+            expert_budget: plan.pool_bytes,
+            expert_resident: 0,
+            ids_scratch: Vec::new(),
+            tickets_scratch: Vec::new(),
+            metrics: StreamMetrics::default(),
+            error: None,
+        };
+        match plan.mode {
+            Mode::Resident => {}
+            Mode::Dense => {
+                let mut layers: Vec<Option<DenseLayer>> = (0..n_layer).map(|_| None).collect();
+                for t in &plan.streamed {
+                    let r = find(&t.name)?;
+                    if r.nbytes as u64 != t.size {
+                        bail!("'{}': llama.cpp has {} bytes, the file {}", t.name, r.nbytes, t.size);
+                    }
+                    let layer = layers[t.layer as usize].get_or_insert_with(|| DenseLayer {
+                        tensors: Vec::new(),
+                        state: LayerState::Idle,
+                        slot: usize::MAX,
+                        tickets: Vec::new(),
+                    });
+                    let in_slot = layer.tensors.iter().map(|d| slot_len_for(d.file_offset, d.size)).sum();
+                    layer.tensors.push(DenseTensor { tensor: r.tensor, zeros: r.data, file_offset: t.file_offset, size: t.size as usize, in_slot });
+                }
+                for l in layers.iter_mut().flatten() {
+                    l.tickets.reserve_exact(l.tensors.len());
+                }
+                s.order = (0..n_layer as u32).filter(|&l| layers[l as usize].is_some()).collect();
+                for (i, &l) in s.order.iter().enumerate() {
+                    s.pos_of[l as usize] = i;
+                }
+                let n_slots = (plan.lookahead + 1).min(s.order.len()).max(1);
+                s.slot_bytes = plan.slot_bytes as usize;
+                let pool = Mapping::new(n_slots * s.slot_bytes, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, false)?;
+                let _ = s.reader.register_buffers(&[(pool.base(), pool.len)]);
+                s.free_slots = (0..n_slots).rev().collect();
+                s.pool = Some(pool);
+                s.dense = layers;
+            }
+            Mode::Experts => {
+                let mut layers: Vec<Option<ExpertLayer>> = (0..n_layer).map(|_| None).collect();
+                // One arena of address space for every expert tensor, each placed
+                // so that memory and file offsets agree mod 4096 (aligned reads
+                // land in place). Only loaded experts are ever committed.
+                let mut layout = Vec::new();
+                let mut cursor = 0usize;
+                for t in &plan.streamed {
+                    let r = find(&t.name)?;
+                    if r.nbytes as u64 != t.size {
+                        bail!("'{}': llama.cpp has {} bytes, the file {}", t.name, r.nbytes, t.size);
+                    }
+                    let n = t.n_experts.unwrap_or(1).max(1) as usize;
+                    if t.size as usize % n != 0 {
+                        bail!("'{}': {} bytes do not split into {n} experts", t.name, t.size);
+                    }
+                    let start = cursor + slot_offset_for(t.file_offset);
+                    layout.push((t, r.tensor, start, n));
+                    cursor += slot_len_for(t.file_offset, t.size as usize) + ALIGN;
+                }
+                let arena = Mapping::new(cursor, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, true)?;
+                let mut max_k = 1usize;
+                for (t, tensor, start, n) in layout {
+                    let layer = layers[t.layer as usize].get_or_insert_with(|| ExpertLayer {
+                        tensors: Vec::new(),
+                        loaded: vec![false; n],
+                        last_used: vec![0; n],
+                        uses: vec![0; n],
+                    });
+                    if layer.loaded.len() != n {
+                        bail!("layer {}: expert tensors disagree on the expert count", t.layer);
+                    }
+                    // SAFETY: `start` lies inside the arena (cursor accounting above).
+                    let base = unsafe { arena.base().add(start) };
+                    layer.tensors.push(ExpertTensor { tensor, file_offset: t.file_offset, expert_bytes: t.size as usize / n, n_experts: n, base });
+                    // SAFETY: the tensor belongs to the loaded model; experts
+                    // now live in the arena (only loaded ones are valid).
+                    unsafe { (*tensor).data = base.cast() };
+                    max_k = max_k.max(n);
+                }
+                s.ids_scratch = Vec::with_capacity(4096);
+                s.tickets_scratch = Vec::with_capacity(max_k * 3 + 16);
+                s.arena = Some(arena);
+                s.experts = layers;
+            }
+        }
+        s.release_all();
+        Ok(Box::new(s))
+    }
+
+    /// The callback and user data to put in the context parameters. The
+    /// streamer must outlive the context.
+    pub fn callback(self: &mut Box<Self>) -> (EvalCallback, *mut c_void) {
+        (Some(eval_callback), (&mut **self) as *mut Streamer as *mut c_void)
+    }
+
+    /// Puts the eval and abort callbacks into context options.
+    pub fn hook(self: &mut Box<Self>, opts: &mut super::ContextOptions) {
+        let (cb, user) = self.callback();
+        opts.eval_callback = cb;
+        opts.eval_user_data = user;
+        opts.abort_callback = Some(abort_callback);
+    }
+
+    pub fn metrics(&self) -> StreamMetrics {
+        self.metrics
+    }
+
+    /// The first I/O error the callback met, if any (the decode is aborted).
+    pub fn take_error(&mut self) -> Option<String> {
+        self.error.take()
+    }
+
+    pub fn reader_info(&self) -> &crate::io::ReaderInfo {
+        self.reader.info()
+    }
+
+    /// Dense tensors start released: pointing at the guard page, so a missed
+    /// wait faults instead of computing on stale bytes.
+    fn release_all(&mut self) {
+        let guard = self.guard.base();
+        for l in self.dense.iter_mut().flatten() {
+            for t in &l.tensors {
+                // SAFETY: tensor of the live model; the guard outlives it.
+                unsafe { (*t.tensor).data = guard.cast() };
+            }
+        }
+    }
+
+    fn on_node(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> bool {
+        // SAFETY: ggml passes a live node; its name is NUL-terminated.
+        let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) }.to_bytes();
+        if let Some(layer) = node_layer(name, L_OUT) {
+            if layer >= self.n_layer || self.mode != Mode::Dense {
+                if !ask && layer + 1 == self.n_layer.max(1) {
+                    self.metrics.passes += 1;
+                }
+                return ask && self.mode == Mode::Dense;
+            }
+            if ask {
+                if let Err(e) = self.ensure_ready(layer) {
+                    self.fail(e);
+                }
+                return true;
+            }
+            self.release(layer);
+            self.prefetch_after(layer);
+            if layer + 1 == self.n_layer {
+                self.metrics.passes += 1;
+            }
+            return self.error.is_none();
+        }
+        if self.mode == Mode::Experts {
+            if let Some(layer) = node_layer(name, TOPK) {
+                if ask {
+                    return layer < self.experts.len() && self.experts[layer].is_some();
+                }
+                if let Err(e) = self.load_selected_experts(layer, t) {
+                    self.fail(e);
+                }
+                return self.error.is_none();
+            }
+        }
+        false
+    }
+
+    /// Records the first error; every streamed dense tensor is pointed at
+    /// zero pages so the rest of the (aborted) compute reads valid memory.
+    fn fail(&mut self, e: anyhow::Error) {
+        if self.error.is_none() {
+            self.error = Some(format!("{e:#}"));
+        }
+        for l in self.dense.iter().flatten() {
+            for t in &l.tensors {
+                // SAFETY: tensor of the live model; `zeros` is its reserved
+                // buffer range, readable for its whole size.
+                unsafe { (*t.tensor).data = t.zeros };
+            }
+        }
+    }
+
+    /// Whether an error happened: the context's abort callback reads this.
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+
+    // ------------------------------------------------------------- dense ---
+
+    fn submit_layer(&mut self, layer: usize) -> Result<()> {
+        let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
+        if l.state != LayerState::Idle {
+            return Ok(());
+        }
+        let slot = self.free_slots.pop().context("streaming pool exhausted (no free slot)")?;
+        let pool = self.pool.as_ref().context("no pool")?;
+        // SAFETY: slot < n_slots, inside the pool mapping.
+        let slot_base = unsafe { pool.base().add(slot * self.slot_bytes) };
+        l.slot = slot;
+        l.tickets.clear();
+        for t in &l.tensors {
+            let cap = slot_len_for(t.file_offset, t.size);
+            debug_assert!(t.in_slot + cap <= self.slot_bytes);
+            let req = ReadRequest {
+                file: FileId(0),
+                file_offset: t.file_offset,
+                len: t.size,
+                // SAFETY: in_slot + cap <= slot_bytes (plan sizing).
+                dst: unsafe { slot_base.add(t.in_slot) },
+                dst_cap: cap,
+            };
+            // SAFETY: the slot is ours until the layer is released, and no
+            // tensor points into it until the read has completed.
+            let ticket = unsafe { self.reader.submit(req) }.with_context(|| format!("layer {layer}: cannot submit read"))?;
+            l.tickets.push(ticket);
+            self.metrics.bytes_read += cap as u64;
+            self.metrics.reads += 1;
+        }
+        l.state = LayerState::Loading;
+        Ok(())
+    }
+
+    fn ensure_ready(&mut self, layer: usize) -> Result<()> {
+        let Some(state) = self.dense[layer].as_ref().map(|l| l.state) else { return Ok(()) };
+        if state == LayerState::Idle {
+            self.submit_layer(layer)?;
+        }
+        let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
+        if l.state == LayerState::Loading {
+            let t0 = Instant::now();
+            for &tk in &l.tickets {
+                self.reader.wait(tk).with_context(|| format!("layer {layer}: read failed"))?;
+            }
+            l.tickets.clear();
+            let waited = t0.elapsed().as_nanos() as u64;
+            self.metrics.stall_ns += waited;
+            self.metrics.io_busy_ns += waited;
+            let pool = self.pool.as_ref().context("no pool")?;
+            for t in &l.tensors {
+                // SAFETY: the read into this slot completed; the bytes of the
+                // tensor start at its in-slot offset plus file offset mod 4096.
+                unsafe {
+                    let p = pool.base().add(l.slot * self.slot_bytes + t.in_slot + slot_offset_for(t.file_offset));
+                    (*t.tensor).data = p.cast();
+                }
+            }
+            l.state = LayerState::Ready;
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, layer: usize) {
+        let guard = self.guard.base();
+        let Some(l) = self.dense[layer].as_mut() else { return };
+        if l.state != LayerState::Ready {
+            return;
+        }
+        for t in &l.tensors {
+            // SAFETY: tensor of the live model; the guard outlives it.
+            unsafe { (*t.tensor).data = guard.cast() };
+        }
+        l.state = LayerState::Idle;
+        debug_assert!(!self.free_slots.contains(&l.slot));
+        self.free_slots.push(l.slot);
+        l.slot = usize::MAX;
+    }
+
+    /// Submits the next `lookahead` streamed layers after `layer`, cyclically.
+    fn prefetch_after(&mut self, layer: usize) {
+        if self.order.is_empty() || self.lookahead == 0 {
+            return;
+        }
+        let n = self.order.len();
+        // First streamed layer after `layer` in cyclic order.
+        let start = (layer + 1..self.n_layer).find(|&l| self.pos_of[l] != usize::MAX).map_or(0, |l| self.pos_of[l]);
+        for i in 0..self.lookahead.min(n) {
+            let next = self.order[(start + i) % n] as usize;
+            if self.free_slots.is_empty() {
+                break;
+            }
+            if let Err(e) = self.submit_layer(next) {
+                self.fail(e);
+                return;
+            }
+        }
+    }
+
+    // ----------------------------------------------------------- experts ---
+
+    /// Reads the router's top-k ids (an I32 view: index rows with nb[1]) and
+    /// loads the selected experts of `layer` that are not in memory yet.
+    fn load_selected_experts(&mut self, layer: usize, topk: *mut sys::ggml_tensor) -> Result<()> {
+        // SAFETY: the node was just computed (ask=false) and is a host I32 tensor.
+        let (k, n_tok, nb1, data) = unsafe {
+            let t = &*topk;
+            if t.type_ != sys::GGML_TYPE_I32 {
+                bail!("layer {layer}: router top-k is not I32");
+            }
+            (t.ne[0] as usize, t.ne[1] as usize, t.nb[1], t.data as *const u8)
+        };
+        self.ids_scratch.clear();
+        for row in 0..n_tok {
+            for j in 0..k {
+                // SAFETY: row < ne[1], j < ne[0]; nb[1] is the row stride.
+                let id = unsafe { *(data.add(row * nb1 + j * 4) as *const i32) };
+                if !self.ids_scratch.contains(&id) {
+                    self.ids_scratch.push(id);
+                }
+            }
+        }
+        let pass = self.metrics.passes;
+        let Some(el) = self.experts[layer].as_mut() else { return Ok(()) };
+        let n_exp = el.loaded.len();
+        // Make room: evict the least recently used experts of this layer not
+        // needed now, then of other layers, until the new ones fit.
+        let per_expert: u64 = el.tensors.iter().map(|t| (slot_len_for(0, t.expert_bytes)) as u64).sum();
+        let need = self.ids_scratch.iter().filter(|&&e| (e as usize) < n_exp && !el.loaded[e as usize]).count() as u64 * per_expert;
+        // Mark this pass's picks as in use so eviction spares them.
+        for &id in &self.ids_scratch {
+            if (id as usize) < n_exp {
+                el.last_used[id as usize] = pass + 1;
+            }
+        }
+        self.evict_until(need, layer);
+
+        let el = self.experts[layer].as_mut().context("expert layer")?;
+        self.tickets_scratch.clear();
+        for &id in &self.ids_scratch {
+            let e = id as usize;
+            if id < 0 || e >= n_exp {
+                bail!("layer {layer}: router picked expert {id} of {n_exp}");
+            }
+            el.uses[e] = el.uses[e].saturating_add(1);
+            el.last_used[e] = pass + 1;
+            if el.loaded[e] {
+                self.metrics.expert_hits += 1;
+                continue;
+            }
+            self.metrics.expert_misses += 1;
+            for t in &el.tensors {
+                let off = t.file_offset + (e * t.expert_bytes) as u64;
+                // SAFETY: base + e*expert_bytes is inside this tensor's arena
+                // range; memory ≡ file offset mod 4096, so the aligned
+                // superset lands in place: start it at the aligned-down address.
+                let dst = unsafe { t.base.add(e * t.expert_bytes).sub(slot_offset_for(off)) };
+                let cap = slot_len_for(off, t.expert_bytes);
+                let req = ReadRequest { file: FileId(0), file_offset: off, len: t.expert_bytes, dst, dst_cap: cap };
+                // SAFETY: the range belongs to this expert (neighbour bytes in
+                // the shared boundary pages are rewritten with identical file
+                // bytes); nothing computes on it until we have waited.
+                let tk = unsafe { self.reader.submit(req) }.with_context(|| format!("layer {layer}: cannot submit expert read"))?;
+                self.tickets_scratch.push(tk);
+                self.metrics.bytes_read += cap as u64;
+                self.metrics.reads += 1;
+            }
+            el.loaded[e] = true;
+            self.expert_resident += per_expert;
+        }
+        let t0 = Instant::now();
+        for &tk in &self.tickets_scratch {
+            self.reader.wait(tk).with_context(|| format!("layer {layer}: expert read failed"))?;
+        }
+        let waited = t0.elapsed().as_nanos() as u64;
+        self.metrics.stall_ns += waited;
+        self.metrics.io_busy_ns += waited;
+        Ok(())
+    }
+
+    /// Evicts least-recently-used experts (never those of `keep_layer` picked
+    /// in this pass) until `need` more bytes fit in the expert budget.
+    fn evict_until(&mut self, need: u64, keep_layer: usize) {
+        let pass = self.metrics.passes + 1;
+        while self.expert_resident + need > self.expert_budget {
+            // Oldest loaded expert anywhere.
+            let mut best: Option<(usize, usize, u64)> = None;
+            for (li, l) in self.experts.iter().enumerate() {
+                let Some(l) = l else { continue };
+                for e in 0..l.loaded.len() {
+                    if !l.loaded[e] || (li == keep_layer && l.last_used[e] == pass) {
+                        continue;
+                    }
+                    if best.is_none_or(|(_, _, u)| l.last_used[e] < u) {
+                        best = Some((li, e, l.last_used[e]));
+                    }
+                }
+            }
+            let Some((li, e, _)) = best else { break };
+            self.evict_expert(li, e);
+        }
+    }
+
+    fn evict_expert(&mut self, layer: usize, e: usize) {
+        let Some(l) = self.experts[layer].as_mut() else { return };
+        let mut freed = 0u64;
+        for t in &l.tensors {
+            // Give back the pages wholly inside this expert's bytes; boundary
+            // pages shared with a neighbour stay.
+            let start = t.base as usize + e * t.expert_bytes;
+            let end = start + t.expert_bytes;
+            let a = start.next_multiple_of(ALIGN);
+            let b = end & !(ALIGN - 1);
+            if b > a {
+                // SAFETY: [a, b) lies inside the arena and inside this expert's
+                // bytes, which nothing computes on (not selected in this pass).
+                unsafe {
+                    libc::madvise(a as *mut c_void, b - a, libc::MADV_DONTNEED);
+                }
+            }
+            freed += slot_len_for(0, t.expert_bytes) as u64;
+        }
+        l.loaded[e] = false;
+        self.expert_resident = self.expert_resident.saturating_sub(freed);
+    }
+}
+
+unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    // SAFETY: `user` is the boxed Streamer registered with the context, alive
+    // for the context's lifetime; llama.cpp calls this from the decoding
+    // thread only, never concurrently.
+    let s = unsafe { &mut *(user as *mut Streamer) };
+    if s.error.is_some() {
+        // After an I/O error: no more cuts; the abort callback stops compute.
+        return false;
+    }
+    s.on_node(t, ask)
+}
+
+/// Abort callback for the context: stops the compute after a streaming error.
+pub unsafe extern "C" fn abort_callback(user: *mut c_void) -> bool {
+    // SAFETY: same pointer and lifetime as the eval callback's user data.
+    let s = unsafe { &*(user as *const Streamer) };
+    s.failed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_layer;
+
+    #[test]
+    fn node_names() {
+        assert_eq!(node_layer(b"l_out-0", b"l_out-"), Some(0));
+        assert_eq!(node_layer(b"l_out-31", b"l_out-"), Some(31));
+        assert_eq!(node_layer(b"l_out-3 (view)", b"l_out-"), Some(3));
+        assert_eq!(node_layer(b"l_out-", b"l_out-"), None);
+        assert_eq!(node_layer(b"l_out-3x", b"l_out-"), None);
+        assert_eq!(node_layer(b"ffn_out-3", b"l_out-"), None);
+        assert_eq!(node_layer(b"ffn_moe_topk-12", b"ffn_moe_topk-"), Some(12));
+    }
+}
