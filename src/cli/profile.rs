@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::io::Backend;
-use crate::profiler::{self, MeasureOptions};
+use crate::profiler::{self, MeasureOptions, ProfileSource};
 
 #[derive(clap::Args, Debug)]
 pub struct ProfileArgs {
@@ -41,13 +41,16 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         compare_backends: args.compare_backends,
         progress: true,
     };
-    let (p, cached) = profiler::load_or_measure_with(args.force, &opts)?;
-    let cache = profiler::cache_file()
-        .map_or_else(|| "(no cache dir)".to_string(), |p| p.display().to_string());
-    if cached {
-        eprintln!("cached profile {cache} (use --force to measure again)");
-    } else {
-        eprintln!("profile saved to {cache}");
+    let (p, source) = profiler::load_or_measure_with(args.force, &opts)?;
+    match source {
+        ProfileSource::Cached(f) => {
+            eprintln!(
+                "cached profile {} (use --force to measure again)",
+                f.display()
+            )
+        }
+        ProfileSource::Saved(f) => eprintln!("profile saved to {}", f.display()),
+        ProfileSource::NotSaved(why) => eprintln!("profile not cached: {why}"),
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&p)?);

@@ -81,7 +81,8 @@ fn open_direct(path: &Path, simulate: &Simulate) -> std::io::Result<File> {
         let mut probe = super::AlignedBuf::new(super::ALIGN)?;
         loop {
             // SAFETY: `probe` is an owned, 4096-aligned buffer of ALIGN bytes.
-            let n = unsafe { libc::pread(f.as_raw_fd(), probe.as_mut_ptr().cast(), super::ALIGN, 0) };
+            let n =
+                unsafe { libc::pread(f.as_raw_fd(), probe.as_mut_ptr().cast(), super::ALIGN, 0) };
             if n >= 0 {
                 break;
             }

@@ -407,4 +407,18 @@ mod tests {
         assert_eq!(aligned_range(4097, 10), (4096, 8192));
         assert_eq!(slot_offset_for(4097), 1);
     }
+
+    #[test]
+    fn errors_name_file_and_offset() {
+        let f = std::path::PathBuf::from("/m/model.gguf");
+        let e = IoError::from_errno(f.clone(), 8192, libc::EIO);
+        assert!(matches!(e, IoError::Eio { offset: 8192, .. }));
+        assert!(e.to_string().contains("/m/model.gguf") && e.to_string().contains("8192"));
+        assert!(matches!(
+            IoError::from_errno(f.clone(), 1, libc::ENOMEM),
+            IoError::NoMemory { .. }
+        ));
+        let e = IoError::from_errno(f, 5, libc::EBADF);
+        assert!(matches!(e, IoError::Read { offset: 5, .. }));
+    }
 }

@@ -193,23 +193,48 @@ pub fn load_or_measure(force: bool, path: Option<&Path>) -> Result<MachineProfil
     Ok(load_or_measure_with(force, &MeasureOptions::for_commands(path))?.0)
 }
 
-/// As [`load_or_measure`], with every option; also says whether the cache was used.
-pub fn load_or_measure_with(force: bool, opts: &MeasureOptions) -> Result<(MachineProfile, bool)> {
+/// Where a profile came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProfileSource {
+    /// Read from this cache file.
+    Cached(PathBuf),
+    /// Measured now and saved to this cache file.
+    Saved(PathBuf),
+    /// Measured now and not cached (the reason).
+    NotSaved(String),
+}
+
+/// As [`load_or_measure`], with every option; also says where the profile came from.
+/// Measurements with a forced backend are not cached (they do not describe how `run` reads).
+pub fn load_or_measure_with(
+    force: bool,
+    opts: &MeasureOptions,
+) -> Result<(MachineProfile, ProfileSource)> {
     if !force && opts.is_plain() {
         if let Some(p) = load_cached() {
             let want_path = opts.path.as_deref().map(canonical_string);
             let path_ok = want_path.is_none_or(|w| w == p.storage.path);
             let quality_ok = !p.quick || opts.quick;
             if path_ok && quality_ok {
-                return Ok((p, true));
+                let file = cache_file().unwrap_or_default();
+                return Ok((p, ProfileSource::Cached(file)));
             }
         }
     }
     let p = measure(opts)?;
-    if let Err(e) = save(&p) {
-        tracing::warn!("could not cache the machine profile: {e:#}");
+    if opts.backend != crate::io::Backend::Auto {
+        return Ok((
+            p,
+            ProfileSource::NotSaved(format!("the {:?} backend was forced", opts.backend)),
+        ));
     }
-    Ok((p, false))
+    match save(&p) {
+        Ok(file) => Ok((p, ProfileSource::Saved(file))),
+        Err(e) => {
+            tracing::warn!("could not cache the machine profile: {e:#}");
+            Ok((p, ProfileSource::NotSaved(format!("{e:#}"))))
+        }
+    }
 }
 
 /// Measures everything (no cache involved).
