@@ -4,7 +4,9 @@
 //! GGUF ([`gguf`]) → plan ([`scheduler`]) → pool → I/O ([`io`]) → ggml callback ([`engine`]).
 //! [`profiler`] measures the machine the plan is made for; [`cli`] is the front end.
 
+pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod engine;
 pub mod gguf;
 pub mod io;

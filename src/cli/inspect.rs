@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::scheduler::{plan_for_machine, Mode, PlacementArgs, Plan, Tier};
+
 use crate::gguf::{ArchParams, GgufFile, MetaValue, TensorInfo, TensorRole};
 
 /// Arguments of `hypura inspect`.
@@ -24,12 +26,16 @@ pub struct InspectArgs {
     /// Print the whole report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// The placement plan is made for these choices (as `hypura run`).
+    #[command(flatten)]
+    pub placement: PlacementArgs,
 }
 
 /// Runs `hypura inspect`.
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let file = GgufFile::open(&args.model)?;
-    let report = Report::build(&file, args.tensors);
+    let mut report = Report::build(&file, args.tensors);
+    report.plan = Some(plan_for_machine(&file, &args.placement)?);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = if args.json {
@@ -66,6 +72,9 @@ pub struct Report<'a> {
     /// Every tensor, with `--tensors`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<&'a [TensorInfo]>,
+    /// The placement plan for this machine and budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
 }
 
 /// Container-level facts.
@@ -155,6 +164,7 @@ impl<'a> Report<'a> {
             bytes_by_layer: bytes_by_layer(&file.tensors),
             metadata: file.metadata.iter().map(|(k, v)| kv_row(k, v)).collect(),
             tensors: with_tensors.then_some(file.tensors.as_slice()),
+            plan: None,
         }
     }
 }
@@ -237,8 +247,11 @@ pub fn render_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     render_summary(r, out)?;
     render_roles(r, out)?;
     render_layers(r, out)?;
+    if let Some(plan) = &r.plan {
+        render_plan(plan, out)?;
+    }
     if let Some(tensors) = r.tensors {
-        render_tensors(tensors, out)?;
+        render_tensors(tensors, r.plan.as_ref(), out)?;
     }
     Ok(())
 }
@@ -343,12 +356,30 @@ fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
-fn render_tensors(tensors: &[TensorInfo], out: &mut dyn Write) -> std::io::Result<()> {
+fn render_plan(p: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "\nplacement plan (RAM budget {})", human_bytes(p.ram_budget))?;
+    writeln!(out, "  mode            {:?}", p.mode)?;
+    writeln!(out, "  resident (RAM)  {}", human_bytes(p.resident_bytes))?;
+    writeln!(out, "  streamed (NVMe) {} in {} tensors", human_bytes(p.streamed_bytes), p.streamed.len())?;
+    if p.mode != Mode::Resident {
+        writeln!(out, "  layers          {} pinned, {} streamed", p.pinned_layers.len(), p.streamed_layers.len())?;
+        writeln!(out, "  pool            {} (lookahead {})", human_bytes(p.pool_bytes), p.lookahead)?;
+        writeln!(out, "  read per token  {}", human_bytes(p.bytes_per_token))?;
+    }
+    match (p.ceiling_tps, p.predicted_tps) {
+        (Some(c), Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s (disk ceiling {c:.2} tok/s)")?,
+        (None, Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s (memory-bound)")?,
+        _ => writeln!(out, "  predicted       unknown: run `hypura profile` to measure this machine")?,
+    }
+    Ok(())
+}
+
+fn render_tensors(tensors: &[TensorInfo], plan: Option<&Plan>, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "\ntensors")?;
     writeln!(
         out,
-        "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12}",
-        "name", "role", "layer", "type", "dims", "offset", "size"
+        "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12} {:<5}",
+        "name", "role", "layer", "type", "dims", "offset", "size", "tier"
     )?;
     for t in tensors {
         let dims = t
@@ -357,16 +388,22 @@ fn render_tensors(tensors: &[TensorInfo], out: &mut dyn Write) -> std::io::Resul
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(" x ");
+        let tier = match plan.map(|p| p.tier(&t.name)) {
+            Some(Tier::Gpu) => "gpu",
+            Some(Tier::Nvme) => "nvme",
+            Some(Tier::Ram) | None => "ram",
+        };
         writeln!(
             out,
-            "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12}",
+            "  {:<34} {:<16} {:>5} {:<8} {:<26} {:>14} {:>12} {:<5}",
             t.name,
             t.role.label(),
             opt(t.layer),
             t.ggml_type.name(),
             dims,
             t.offset,
-            t.size
+            t.size,
+            tier
         )?;
     }
     Ok(())
@@ -384,21 +421,7 @@ fn percent(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// `1536` → `1.5 KiB`; `0` → `0 B`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
+pub use crate::scheduler::format_bytes as human_bytes;
 
 /// `134515008` → `134.5 M`.
 fn human_count(n: u64) -> String {

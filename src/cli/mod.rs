@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod gen;
 pub mod inspect;
 pub mod profile;
@@ -26,6 +27,8 @@ pub enum Command {
     Profile(profile::ProfileArgs),
     /// Write a synthetic GGUF model with random weights (llama, qwen3moe, mixtral).
     Gen(gen::GenArgs),
+    /// Compare lookahead depths (and llama.cpp's own loading): table, JSON, chart.
+    Bench(bench::BenchArgs),
 }
 
 /// Logs go to stderr through tracing; the level comes from `HYPURA_LOG` (or `RUST_LOG`).
@@ -52,6 +55,7 @@ pub fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Gen(a) => gen::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,7 +14,7 @@ use crate::engine::{Context, ContextOptions, LoadMode, LoadOptions, Model};
 use crate::engine::stream::{StreamMetrics, Streamer};
 use crate::engine::stream_buft::StreamBufferType;
 use crate::gguf::GgufFile;
-use crate::scheduler::{format_bytes, Mode, Plan, PlanInput};
+use crate::scheduler::{format_bytes, plan_for_machine, Mode, PlacementArgs, Plan};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -60,16 +60,8 @@ pub struct RunArgs {
     /// Turn off ggml's CPU weight repacking (same kernels as streamed tensors).
     #[arg(long)]
     pub no_repack: bool,
-    /// RAM for weights (resident tensors + streaming pool), e.g. 96M or 4G.
-    /// Default: available memory (cgroup-aware) minus headroom.
-    #[arg(long, value_parser = parse_size_arg)]
-    pub ram_budget: Option<u64>,
-    /// Placement mode (default: chosen from the budget and the model).
-    #[arg(long, value_enum)]
-    pub mode: Option<Mode>,
-    /// Streamed layers read ahead of the one computing (default: adaptive).
-    #[arg(long)]
-    pub lookahead: Option<usize>,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
     /// I/O backend for streaming.
     #[arg(long, default_value = "auto")]
     pub io_backend: crate::io::Backend,
@@ -78,9 +70,7 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    crate::scheduler::parse_size(s).map_err(|e| e.to_string())
-}
+
 
 /// Threads to use when the user does not say: the CPUs this process may run on.
 pub fn default_threads() -> usize {
@@ -109,16 +99,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gguf = GgufFile::open(&args.model)?;
     tracing::info!(arch = ?gguf.architecture(), tensors = gguf.tensors.len(), "model validated");
 
-    let profile = crate::profiler::load_cached();
-    let ram_budget = args.ram_budget.unwrap_or_else(|| crate::scheduler::default_ram_budget(profile.as_ref()));
-    let plan = Plan::new(&PlanInput {
-        gguf: &gguf,
-        ram_budget,
-        mode: args.mode,
-        lookahead: args.lookahead,
-        disk_gbps: profile.as_ref().map(|p| p.storage.best_seq_gbps),
-        mem_gbps: profile.as_ref().map(|p| p.memory.read_gbps),
-    })?;
+    let plan = plan_for_machine(&gguf, &args.placement)?;
     tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, "plan");
 
     // Drop order matters: context, then streamer, then model, then buffer type.

@@ -44,8 +44,12 @@ pub struct StreamMetrics {
     pub io_busy_ns: u64,
     /// Expert loads avoided because an earlier token had loaded the expert.
     pub expert_hits: u64,
-    /// Experts read from disk.
+    /// Experts read from disk (speculative reads that were used included).
     pub expert_misses: u64,
+    /// Experts read ahead by the co-activation predictor and then used.
+    pub expert_prefetch_used: u64,
+    /// Experts read ahead and not used by the token they were read for.
+    pub expert_prefetch_wasted: u64,
     /// Full passes over the layers (one per decode/ubatch).
     pub passes: u64,
 }
@@ -59,6 +63,8 @@ impl StreamMetrics {
             io_busy_ns: self.io_busy_ns - earlier.io_busy_ns,
             expert_hits: self.expert_hits - earlier.expert_hits,
             expert_misses: self.expert_misses - earlier.expert_misses,
+            expert_prefetch_used: self.expert_prefetch_used - earlier.expert_prefetch_used,
+            expert_prefetch_wasted: self.expert_prefetch_wasted - earlier.expert_prefetch_wasted,
             passes: self.passes - earlier.passes,
         }
     }
@@ -133,22 +139,39 @@ struct DenseLayer {
 
 /// One `*_exps` tensor of a layer, its address range in the expert arena.
 struct ExpertTensor {
-    tensor: *mut sys::ggml_tensor,
     file_offset: u64,
     expert_bytes: usize,
-    n_experts: usize,
     /// Where expert 0 starts in memory (same offset mod 4096 as in the file).
     base: *mut u8,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ExpertState {
+    Empty,
+    /// Reads in flight (a speculative prefetch); tickets in `pending`.
+    Loading,
+    Loaded,
+}
+
 struct ExpertLayer {
     tensors: Vec<ExpertTensor>,
-    /// Per expert: loaded (its bytes are valid in every tensor of the layer).
-    loaded: Vec<bool>,
-    /// Per expert: the pass it was last used in (for eviction).
+    state: Vec<ExpertState>,
+    /// Read ahead by the predictor and not used yet.
+    speculative: Vec<bool>,
+    /// Per expert × tensor: the ticket of a read in flight.
+    pending: Vec<Option<Ticket>>,
+    /// Per expert: the pass it was last selected in (LRU eviction).
     last_used: Vec<u64>,
-    /// Per expert: times it was selected (co-activation statistics).
-    uses: Vec<u32>,
+    /// Co-activation counts from the previous expert layer: `[e_prev * n + e]`.
+    coact: Vec<u32>,
+    /// Memory one expert of this layer takes (all its tensors, aligned).
+    expert_mem: u64,
+}
+
+impl ExpertLayer {
+    fn n(&self) -> usize {
+        self.state.len()
+    }
 }
 
 /// The streaming engine; boxed, its address is the callback's user data.
@@ -171,6 +194,12 @@ pub struct Streamer {
     expert_budget: u64,
     expert_resident: u64,
     ids_scratch: Vec<i32>,
+    prev_ids: Vec<i32>,
+    prev_layer: usize,
+    last_layer_seen: usize,
+    scores: Vec<(u32, usize)>,
+    /// Recent read-ahead outcomes (decayed): used / wasted.
+    spec_recent: (u32, u32),
     tickets_scratch: Vec<Ticket>,
     // State.
     metrics: StreamMetrics,
@@ -221,6 +250,11 @@ impl Streamer {
             expert_budget: plan.pool_bytes,
             expert_resident: 0,
             ids_scratch: Vec::new(),
+            prev_ids: Vec::new(),
+            prev_layer: usize::MAX,
+            last_layer_seen: usize::MAX,
+            scores: Vec::new(),
+            spec_recent: (0, 0),
             tickets_scratch: Vec::new(),
             metrics: StreamMetrics::default(),
             error: None,
@@ -279,27 +313,37 @@ impl Streamer {
                     cursor += slot_len_for(t.file_offset, t.size as usize) + ALIGN;
                 }
                 let arena = Mapping::new(cursor, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, true)?;
-                let mut max_k = 1usize;
+                let mut max_n = 1usize;
                 for (t, tensor, start, n) in layout {
                     let layer = layers[t.layer as usize].get_or_insert_with(|| ExpertLayer {
                         tensors: Vec::new(),
-                        loaded: vec![false; n],
+                        state: vec![ExpertState::Empty; n],
+                        speculative: vec![false; n],
+                        pending: Vec::new(),
                         last_used: vec![0; n],
-                        uses: vec![0; n],
+                        coact: vec![0; n * n],
+                        expert_mem: 0,
                     });
-                    if layer.loaded.len() != n {
+                    if layer.n() != n {
                         bail!("layer {}: expert tensors disagree on the expert count", t.layer);
                     }
                     // SAFETY: `start` lies inside the arena (cursor accounting above).
                     let base = unsafe { arena.base().add(start) };
-                    layer.tensors.push(ExpertTensor { tensor, file_offset: t.file_offset, expert_bytes: t.size as usize / n, n_experts: n, base });
+                    let expert_bytes = t.size as usize / n;
+                    layer.expert_mem += slot_len_for(0, expert_bytes) as u64;
+                    layer.tensors.push(ExpertTensor { file_offset: t.file_offset, expert_bytes, base });
                     // SAFETY: the tensor belongs to the loaded model; experts
                     // now live in the arena (only loaded ones are valid).
                     unsafe { (*tensor).data = base.cast() };
-                    max_k = max_k.max(n);
+                    max_n = max_n.max(n);
                 }
-                s.ids_scratch = Vec::with_capacity(4096);
-                s.tickets_scratch = Vec::with_capacity(max_k * 3 + 16);
+                for l in layers.iter_mut().flatten() {
+                    l.pending = vec![None; l.n() * l.tensors.len()];
+                }
+                s.ids_scratch = Vec::with_capacity(max_n);
+                s.prev_ids = Vec::with_capacity(max_n);
+                s.scores = Vec::with_capacity(max_n);
+                s.tickets_scratch = Vec::with_capacity(max_n * 4 + 16);
                 s.arena = Some(arena);
                 s.experts = layers;
             }
@@ -352,12 +396,10 @@ impl Streamer {
         let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) }.to_bytes();
         if let Some(layer) = node_layer(name, L_OUT) {
             if layer >= self.n_layer || self.mode != Mode::Dense {
-                if !ask && layer + 1 == self.n_layer.max(1) {
-                    self.metrics.passes += 1;
-                }
-                return ask && self.mode == Mode::Dense;
+                return false;
             }
             if ask {
+                self.note_layer(layer);
                 if let Err(e) = self.ensure_ready(layer) {
                     self.fail(e);
                 }
@@ -365,9 +407,6 @@ impl Streamer {
             }
             self.release(layer);
             self.prefetch_after(layer);
-            if layer + 1 == self.n_layer {
-                self.metrics.passes += 1;
-            }
             return self.error.is_none();
         }
         if self.mode == Mode::Experts {
@@ -375,6 +414,7 @@ impl Streamer {
                 if ask {
                     return layer < self.experts.len() && self.experts[layer].is_some();
                 }
+                self.note_layer(layer);
                 if let Err(e) = self.load_selected_experts(layer, t) {
                     self.fail(e);
                 }
@@ -382,6 +422,16 @@ impl Streamer {
             }
         }
         false
+    }
+
+    /// Counts passes (one per decode/ubatch): a layer index that does not
+    /// grow means a new graph has started.
+    fn note_layer(&mut self, layer: usize) {
+        if self.last_layer_seen == usize::MAX || layer <= self.last_layer_seen {
+            self.metrics.passes += 1;
+            self.prev_layer = usize::MAX;
+        }
+        self.last_layer_seen = layer;
     }
 
     /// Records the first error; every streamed dense tensor is pointed at
@@ -506,8 +556,10 @@ impl Streamer {
 
     // ----------------------------------------------------------- experts ---
 
-    /// Reads the router's top-k ids (an I32 view: index rows with nb[1]) and
-    /// loads the selected experts of `layer` that are not in memory yet.
+    /// Reads the router's top-k ids (an I32 view: index rows with nb[1]),
+    /// loads the selected experts of `layer` that are not in memory, learns
+    /// which experts follow which, and reads ahead the next layer's likely
+    /// experts (lookahead ≥ 1).
     fn load_selected_experts(&mut self, layer: usize, topk: *mut sys::ggml_tensor) -> Result<()> {
         // SAFETY: the node was just computed (ask=false) and is a host I32 tensor.
         let (k, n_tok, nb1, data) = unsafe {
@@ -517,63 +569,68 @@ impl Streamer {
             }
             (t.ne[0] as usize, t.ne[1] as usize, t.nb[1], t.data as *const u8)
         };
+        let n_exp = self.experts[layer].as_ref().context("expert layer")?.n();
         self.ids_scratch.clear();
         for row in 0..n_tok {
             for j in 0..k {
                 // SAFETY: row < ne[1], j < ne[0]; nb[1] is the row stride.
                 let id = unsafe { *(data.add(row * nb1 + j * 4) as *const i32) };
-                if !self.ids_scratch.contains(&id) {
+                if id < 0 || id as usize >= n_exp {
+                    bail!("layer {layer}: router picked expert {id} of {n_exp}");
+                }
+                if !self.ids_scratch.contains(&id) && self.ids_scratch.len() < n_exp {
                     self.ids_scratch.push(id);
                 }
             }
         }
         let pass = self.metrics.passes;
-        let Some(el) = self.experts[layer].as_mut() else { return Ok(()) };
-        let n_exp = el.loaded.len();
-        // Make room: evict the least recently used experts of this layer not
-        // needed now, then of other layers, until the new ones fit.
-        let per_expert: u64 = el.tensors.iter().map(|t| (slot_len_for(0, t.expert_bytes)) as u64).sum();
-        let need = self.ids_scratch.iter().filter(|&&e| (e as usize) < n_exp && !el.loaded[e as usize]).count() as u64 * per_expert;
-        // Mark this pass's picks as in use so eviction spares them.
+        self.learn_coactivation(layer);
+
+        // Mark this pass's picks in use (eviction spares them), count hits.
+        let el = self.experts[layer].as_mut().context("expert layer")?;
+        let mut need = 0u64;
         for &id in &self.ids_scratch {
-            if (id as usize) < n_exp {
-                el.last_used[id as usize] = pass + 1;
+            let e = id as usize;
+            el.last_used[e] = pass;
+            match (el.state[e], el.speculative[e]) {
+                (ExpertState::Empty, _) => need += el.expert_mem,
+                (_, true) => {
+                    self.metrics.expert_prefetch_used += 1;
+                    self.spec_recent.0 += 1;
+                }
+                (ExpertState::Loaded, false) => self.metrics.expert_hits += 1,
+                (ExpertState::Loading, false) => {}
             }
+        }
+        for e in 0..el.n() {
+            if el.speculative[e] && el.last_used[e] != pass {
+                self.metrics.expert_prefetch_wasted += 1;
+                self.spec_recent.1 += 1;
+            }
+            el.speculative[e] = false;
         }
         self.evict_until(need, layer);
 
-        let el = self.experts[layer].as_mut().context("expert layer")?;
         self.tickets_scratch.clear();
-        for &id in &self.ids_scratch {
-            let e = id as usize;
-            if id < 0 || e >= n_exp {
-                bail!("layer {layer}: router picked expert {id} of {n_exp}");
+        for i in 0..self.ids_scratch.len() {
+            let e = self.ids_scratch[i] as usize;
+            let state = self.experts[layer].as_ref().map_or(ExpertState::Loaded, |l| l.state[e]);
+            match state {
+                ExpertState::Empty => {
+                    self.metrics.expert_misses += 1;
+                    self.submit_expert(layer, e)?;
+                    self.collect_pending(layer, e);
+                }
+                ExpertState::Loading => self.collect_pending(layer, e),
+                ExpertState::Loaded => {}
             }
-            el.uses[e] = el.uses[e].saturating_add(1);
-            el.last_used[e] = pass + 1;
-            if el.loaded[e] {
-                self.metrics.expert_hits += 1;
-                continue;
+        }
+        // Read-aheads the router did not pick finish too (they become cache):
+        // no read of this layer stays in flight past its top-k.
+        for e in 0..n_exp {
+            if self.experts[layer].as_ref().is_some_and(|l| l.state[e] == ExpertState::Loading) {
+                self.collect_pending(layer, e);
             }
-            self.metrics.expert_misses += 1;
-            for t in &el.tensors {
-                let off = t.file_offset + (e * t.expert_bytes) as u64;
-                // SAFETY: base + e*expert_bytes is inside this tensor's arena
-                // range; memory ≡ file offset mod 4096, so the aligned
-                // superset lands in place: start it at the aligned-down address.
-                let dst = unsafe { t.base.add(e * t.expert_bytes).sub(slot_offset_for(off)) };
-                let cap = slot_len_for(off, t.expert_bytes);
-                let req = ReadRequest { file: FileId(0), file_offset: off, len: t.expert_bytes, dst, dst_cap: cap };
-                // SAFETY: the range belongs to this expert (neighbour bytes in
-                // the shared boundary pages are rewritten with identical file
-                // bytes); nothing computes on it until we have waited.
-                let tk = unsafe { self.reader.submit(req) }.with_context(|| format!("layer {layer}: cannot submit expert read"))?;
-                self.tickets_scratch.push(tk);
-                self.metrics.bytes_read += cap as u64;
-                self.metrics.reads += 1;
-            }
-            el.loaded[e] = true;
-            self.expert_resident += per_expert;
         }
         let t0 = Instant::now();
         for &tk in &self.tickets_scratch {
@@ -582,20 +639,130 @@ impl Streamer {
         let waited = t0.elapsed().as_nanos() as u64;
         self.metrics.stall_ns += waited;
         self.metrics.io_busy_ns += waited;
+        if let Some(el) = self.experts[layer].as_mut() {
+            for st in el.state.iter_mut().filter(|s| **s == ExpertState::Loading) {
+                *st = ExpertState::Loaded;
+            }
+            debug_assert!(el.pending.iter().all(Option::is_none));
+        }
+        self.prev_ids.clear();
+        self.prev_ids.extend_from_slice(&self.ids_scratch);
+        self.prev_layer = layer;
+        if self.lookahead > 0 {
+            self.speculate(layer + 1, k)?;
+        }
         Ok(())
     }
 
-    /// Evicts least-recently-used experts (never those of `keep_layer` picked
-    /// in this pass) until `need` more bytes fit in the expert budget.
+    /// Moves expert `e`'s in-flight tickets into the wait list.
+    fn collect_pending(&mut self, layer: usize, e: usize) {
+        let Some(el) = self.experts[layer].as_mut() else { return };
+        let nt = el.tensors.len();
+        for slot in &mut el.pending[e * nt..(e + 1) * nt] {
+            if let Some(tk) = slot.take() {
+                self.tickets_scratch.push(tk);
+            }
+        }
+    }
+
+    /// Submits the reads of expert `e` of `layer` (all its tensors).
+    fn submit_expert(&mut self, layer: usize, e: usize) -> Result<()> {
+        let el = self.experts[layer].as_mut().context("expert layer")?;
+        let nt = el.tensors.len();
+        for (j, t) in el.tensors.iter().enumerate() {
+            let off = t.file_offset + (e * t.expert_bytes) as u64;
+            // SAFETY: base + e*expert_bytes is inside this tensor's arena
+            // range; memory ≡ file offset mod 4096, so the aligned superset
+            // lands in place when it starts at the aligned-down address.
+            let dst = unsafe { t.base.add(e * t.expert_bytes).sub(slot_offset_for(off)) };
+            let cap = slot_len_for(off, t.expert_bytes);
+            let req = ReadRequest { file: FileId(0), file_offset: off, len: t.expert_bytes, dst, dst_cap: cap };
+            // SAFETY: the range belongs to this expert (neighbour bytes in the
+            // shared boundary pages are rewritten with identical file bytes);
+            // nothing computes on it until its tickets have been waited for.
+            let tk = unsafe { self.reader.submit(req) }.with_context(|| format!("layer {layer}: cannot submit expert read"))?;
+            el.pending[e * nt + j] = Some(tk);
+            self.metrics.bytes_read += cap as u64;
+            self.metrics.reads += 1;
+        }
+        el.state[e] = ExpertState::Loading;
+        self.expert_resident += el.expert_mem;
+        Ok(())
+    }
+
+    /// Counts which experts of `layer` followed the previous layer's picks.
+    fn learn_coactivation(&mut self, layer: usize) {
+        if self.prev_layer == usize::MAX || self.prev_layer + 1 != layer {
+            return;
+        }
+        let Some(el) = self.experts[layer].as_mut() else { return };
+        let n = el.n();
+        for &p in &self.prev_ids {
+            let p = p as usize;
+            if p >= n {
+                continue;
+            }
+            for &e in &self.ids_scratch {
+                let c = &mut el.coact[p * n + e as usize];
+                *c = c.saturating_add(1);
+            }
+        }
+    }
+
+    /// Reads ahead the `k` experts of `layer` that most often followed the
+    /// current picks, if the budget has room without evicting anything in use.
+    fn speculate(&mut self, layer: usize, k: usize) -> Result<()> {
+        // Read ahead only while it pays: at least half of recent read-aheads
+        // used. When it does not, one pass in 8 still probes, so a model whose
+        // routing becomes predictable gets read-ahead back.
+        let (used, wasted) = self.spec_recent;
+        if used + wasted > 256 {
+            self.spec_recent = (used / 2, wasted / 2);
+        }
+        let total = used + wasted;
+        if total >= 32 && used * 2 < total && self.metrics.passes % 8 != 0 {
+            return Ok(());
+        }
+        let Some(el) = self.experts.get(layer).and_then(Option::as_ref) else { return Ok(()) };
+        let n = el.n();
+        self.scores.clear();
+        for e in 0..n {
+            if el.state[e] != ExpertState::Empty {
+                continue;
+            }
+            let score: u32 = self.prev_ids.iter().filter(|&&p| (p as usize) < n).map(|&p| el.coact[p as usize * n + e]).sum();
+            if score > 0 {
+                self.scores.push((score, e));
+            }
+        }
+        self.scores.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mem = el.expert_mem;
+        let take = k.min(self.scores.len());
+        for i in 0..take {
+            let e = self.scores[i].1;
+            self.evict_until(mem, self.prev_layer);
+            if self.expert_resident + mem > self.expert_budget {
+                break;
+            }
+            self.submit_expert(layer, e)?;
+            if let Some(el) = self.experts[layer].as_mut() {
+                el.speculative[e] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts least-recently-used loaded experts (never those `keep_layer`
+    /// selected in this pass, never reads in flight) until `need` more bytes
+    /// fit in the expert budget.
     fn evict_until(&mut self, need: u64, keep_layer: usize) {
-        let pass = self.metrics.passes + 1;
+        let pass = self.metrics.passes;
         while self.expert_resident + need > self.expert_budget {
-            // Oldest loaded expert anywhere.
             let mut best: Option<(usize, usize, u64)> = None;
             for (li, l) in self.experts.iter().enumerate() {
                 let Some(l) = l else { continue };
-                for e in 0..l.loaded.len() {
-                    if !l.loaded[e] || (li == keep_layer && l.last_used[e] == pass) {
+                for e in 0..l.n() {
+                    if l.state[e] != ExpertState::Loaded || (li == keep_layer && l.last_used[e] == pass) {
                         continue;
                     }
                     if best.is_none_or(|(_, _, u)| l.last_used[e] < u) {
@@ -610,7 +777,6 @@ impl Streamer {
 
     fn evict_expert(&mut self, layer: usize, e: usize) {
         let Some(l) = self.experts[layer].as_mut() else { return };
-        let mut freed = 0u64;
         for t in &l.tensors {
             // Give back the pages wholly inside this expert's bytes; boundary
             // pages shared with a neighbour stay.
@@ -620,15 +786,16 @@ impl Streamer {
             let b = end & !(ALIGN - 1);
             if b > a {
                 // SAFETY: [a, b) lies inside the arena and inside this expert's
-                // bytes, which nothing computes on (not selected in this pass).
+                // bytes, which nothing computes on (not selected in this pass)
+                // and no read targets (state Loaded, not Loading).
                 unsafe {
                     libc::madvise(a as *mut c_void, b - a, libc::MADV_DONTNEED);
                 }
             }
-            freed += slot_len_for(0, t.expert_bytes) as u64;
         }
-        l.loaded[e] = false;
-        self.expert_resident = self.expert_resident.saturating_sub(freed);
+        l.state[e] = ExpertState::Empty;
+        l.speculative[e] = false;
+        self.expert_resident = self.expert_resident.saturating_sub(l.expert_mem);
     }
 }
 

@@ -3,18 +3,14 @@
 
 use std::ffi::CStr;
 use std::os::raw::c_char;
-use std::sync::Once;
 
 use hypura_sys as sys;
 
 use super::GpuProfile;
 
-/// Loads dynamic ggml backends once per process (a no-op for statically linked ones).
+/// Loads ggml's backends once per process, through the engine's one init.
 fn load_backends() {
-    static LOAD: Once = Once::new();
-    // SAFETY: ggml_backend_load_all takes no arguments and only registers backends found
-    // next to the executable; Once keeps it to one call per process.
-    LOAD.call_once(|| unsafe { sys::ggml_backend_load_all() });
+    crate::engine::backend::init();
 }
 
 fn c_string(p: *const c_char) -> String {

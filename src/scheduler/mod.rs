@@ -26,5 +26,39 @@ pub mod plan;
 pub mod size;
 
 pub use budget::default_ram_budget;
-pub use plan::{Mode, Plan, PlanInput, StreamedTensor};
+pub use plan::{Mode, Plan, PlanInput, StreamedTensor, Tier};
 pub use size::{format_bytes, parse_size};
+
+/// Placement choices a user can make on the command line (`run`, `inspect`, `bench`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PlacementArgs {
+    /// RAM for weights (resident tensors + streaming pool), e.g. 96M or 4G.
+    /// Default: available memory (cgroup-aware) minus headroom.
+    #[arg(long, value_parser = parse_size_arg)]
+    pub ram_budget: Option<u64>,
+    /// Placement mode (default: chosen from the budget and the model).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Streamed layers read ahead of the one computing (default: adaptive).
+    #[arg(long)]
+    pub lookahead: Option<usize>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// The plan for `gguf` on this machine: the cached profile (if any) gives
+/// the default budget and the bandwidths the estimator uses.
+pub fn plan_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs) -> anyhow::Result<Plan> {
+    let profile = crate::profiler::load_cached();
+    let ram_budget = args.ram_budget.unwrap_or_else(|| default_ram_budget(profile.as_ref()));
+    Plan::new(&PlanInput {
+        gguf,
+        ram_budget,
+        mode: args.mode,
+        lookahead: args.lookahead,
+        disk_gbps: profile.as_ref().map(|p| p.storage.best_seq_gbps).filter(|g| *g > 0.0),
+        mem_gbps: profile.as_ref().map(|p| p.memory.read_gbps).filter(|g| *g > 0.0),
+    })
+}

@@ -1,0 +1,186 @@
+//! Runs one configuration as a child process (`hypura run ... --json`) and
+//! reads its report: a fresh process per run gives honest load times and peak
+//! RSS and a cold pool. Ctrl-C sets a flag the runner polls; the running child
+//! (in its own process group, so the terminal's SIGINT does not reach it) is
+//! killed and its run dropped.
+
+use std::io::Read;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // A second Ctrl-C: leave at once (only async-signal-safe calls here).
+        unsafe { libc::_exit(130) };
+    }
+}
+
+/// Makes SIGINT (Ctrl-C) and SIGTERM set the stop flag instead of killing the bench.
+pub fn install_interrupt_handler() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(on_sigint), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only touches an atomic and calls _exit.
+        unsafe { sigaction(sig, &act) }.with_context(|| format!("cannot install a {sig} handler"))?;
+    }
+    Ok(())
+}
+
+/// Whether Ctrl-C was pressed.
+pub fn interrupted() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// One finished run (successful or not).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRecord {
+    /// Index into the configurations.
+    pub config: usize,
+    pub config_id: String,
+    /// Round number; warm-up rounds come first.
+    pub round: usize,
+    /// Warm-up runs are kept here but left out of the summaries.
+    pub warmup: bool,
+    /// Position in the whole sequence of runs (0-based).
+    pub seq: usize,
+    pub ok: bool,
+    pub wall_secs: f64,
+    /// Why the run failed.
+    pub error: Option<String>,
+    /// `hypura run --json`'s report, as printed.
+    pub report: Option<serde_json::Value>,
+}
+
+/// How a run ended.
+pub enum Outcome {
+    Finished { ok: bool, wall_secs: f64, error: Option<String>, report: Option<serde_json::Value> },
+    /// Ctrl-C: the child was killed and the run is dropped.
+    Interrupted,
+}
+
+/// Runs `exe args...` to the end (or `timeout`), ticking `bar` while it runs.
+pub fn run_child(exe: &Path, args: &[String], timeout: Option<Duration>, bar: &ProgressBar) -> Result<Outcome> {
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().context("waiting for a run")? {
+            break st;
+        }
+        if interrupted() || timeout.is_some_and(|t| start.elapsed() > t) {
+            timed_out = !interrupted();
+            let _ = child.kill();
+            let st = child.wait().context("waiting for a killed run")?;
+            if !timed_out {
+                let _ = reader.join();
+                return Ok(Outcome::Interrupted);
+            }
+            break st;
+        }
+        bar.tick();
+        if let Some(len) = bar.length() {
+            bar.set_position((start.elapsed().as_millis() as u64).min(len.saturating_sub(1)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let wall_secs = start.elapsed().as_secs_f64();
+    let text = reader.join().unwrap_or_default();
+    let report = last_json(&text);
+    let ok = status.success() && report.is_some();
+    let error = if ok {
+        None
+    } else if timed_out {
+        Some(format!("timed out after {:.0} s", timeout.unwrap_or_default().as_secs_f64()))
+    } else {
+        Some(failure_reason(status, &text))
+    };
+    Ok(Outcome::Finished { ok, wall_secs, error, report: if ok { report } else { None } })
+}
+
+/// The last stderr line that is a JSON object.
+pub fn last_json(stderr: &str) -> Option<serde_json::Value> {
+    stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(serde_json::Value::is_object))
+}
+
+fn failure_reason(status: std::process::ExitStatus, stderr: &str) -> String {
+    let last_error = stderr.lines().rev().map(str::trim).find(|l| l.starts_with("error:"));
+    let last_line = stderr.lines().rev().map(str::trim).find(|l| !l.is_empty());
+    match (status.signal(), last_error) {
+        (Some(sig), _) => {
+            let hint = if sig == libc::SIGKILL { " (out of memory?)" } else { "" };
+            format!("killed by signal {sig}{hint}")
+        }
+        (None, Some(e)) => e.trim_start_matches("error:").trim().to_string(),
+        (None, None) if status.success() => "no JSON report on stderr".to_string(),
+        (None, None) => format!("exit status {}: {}", status.code().unwrap_or(-1), last_line.unwrap_or("no output")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_json_line_wins() {
+        let s = "loading\n{\"a\":1}\nnoise\n{\"a\":2}\n";
+        assert_eq!(last_json(s).unwrap()["a"], 2);
+        assert!(last_json("error: x\n{broken\n").is_none());
+    }
+
+    #[test]
+    fn child_runs_and_failures_are_reported() {
+        let bar = ProgressBar::hidden();
+        let sh = Path::new("/bin/sh");
+        let ok = run_child(sh, &["-c".into(), "echo '{\"gen_tps\":3}' >&2".into()], None, &bar).unwrap();
+        match ok {
+            Outcome::Finished { ok, report, .. } => {
+                assert!(ok);
+                assert_eq!(report.unwrap()["gen_tps"], 3);
+            }
+            Outcome::Interrupted => panic!("not interrupted"),
+        }
+        let bad = run_child(sh, &["-c".into(), "echo 'error: no such model' >&2; exit 1".into()], None, &bar).unwrap();
+        match bad {
+            Outcome::Finished { ok, error, .. } => {
+                assert!(!ok);
+                assert_eq!(error.as_deref(), Some("no such model"));
+            }
+            Outcome::Interrupted => panic!("not interrupted"),
+        }
+        let slow = run_child(sh, &["-c".into(), "sleep 5".into()], Some(Duration::from_millis(200)), &bar).unwrap();
+        match slow {
+            Outcome::Finished { ok, error, wall_secs, .. } => {
+                assert!(!ok && wall_secs < 4.0);
+                assert!(error.unwrap().starts_with("timed out"));
+            }
+            Outcome::Interrupted => panic!("not interrupted"),
+        }
+    }
+}
