@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test command: fetch the real test models, build, run every test.
+# The test command: install what is missing, fetch the real test models,
+# build, run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 models/fetch.sh smollm2 gemma3
 export HYPURA_REQUIRE_MODELS=1
