@@ -58,3 +58,25 @@ fn model_three_times_the_budget_runs_within_budget_plus_overhead() {
     let rss = r["peak_rss_bytes"].as_u64().unwrap();
     assert!(rss > 0 && rss <= budget + OVERHEAD, "peak RSS {rss} over budget {budget} + overhead {OVERHEAD}");
 }
+
+/// Start-up reads only the resident tensors: streamed tensors are hidden from
+/// llama.cpp's loader, and nothing populates the whole file.
+#[test]
+fn load_reads_only_resident_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("load.gguf");
+    gen(&m, &["--arch", "llama", "--layers", "8", "--embd", "1024", "--ff", "4096", "--type", "q8_0", "--seed", "16"]);
+    let size = std::fs::metadata(&m).unwrap().len();
+    let out = dir.path().join("load.logits");
+    let r = report(&run(&m, &out, &["--ram-budget", "48M", "--mode", "dense", "--ctx", "256"]));
+    let resident = r["resident_bytes"].as_u64().unwrap();
+    let streamed = r["streamed_bytes"].as_u64().unwrap();
+    assert!(streamed > size / 2, "most of the model streams: {r}");
+    let Some(read) = r["load_read_bytes"].as_u64() else {
+        eprintln!("SKIPPED: /proc/self/io is not readable here");
+        return;
+    };
+    // Aligned O_DIRECT reads and metadata add a little over the resident bytes.
+    assert!(read <= resident + resident / 4 + (4 << 20), "load read {read} bytes, resident part is {resident}: {r}");
+    assert!(read < size - streamed / 2, "load read {read} of a {size}-byte file: {r}");
+}

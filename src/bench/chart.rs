@@ -112,7 +112,8 @@ fn draw_data(path: &Path, data: &ChartData, title: &str, disk_gbps: Option<f64>)
     let ceil_max = data.ceiling.iter().map(|c| c.1).fold(0.0f64, f64::max);
     let ceiling_on_scale = others == 0.0 || ceil_max <= 4.0 * others;
     let y_top = if ceiling_on_scale { others.max(ceil_max) } else { others };
-    let y1 = if y_top > 0.0 { y_top * 1.15 } else { 1.0 };
+    // Headroom above the data for the legend.
+    let y1 = if y_top > 0.0 { y_top * 1.4 } else { 1.0 };
 
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FONT, 20))
@@ -127,6 +128,7 @@ fn draw_data(path: &Path, data: &ChartData, title: &str, disk_gbps: Option<f64>)
         .x_labels(xs.len().clamp(2, 12))
         .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{}", x.round() as i64) } else { String::new() })
         .y_label_formatter(&|y| format!("{y:.1}"))
+        .light_line_style(RGBColor(238, 238, 238))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
         .draw()?;

@@ -104,6 +104,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // Drop order matters: context, then streamer, then model, then buffer type.
     let t_load = Instant::now();
+    let io_before = storage_read_bytes();
     let buft = StreamBufferType::new_host()?;
     let model = load_model(&args, &plan, &buft)?;
     let mut streamer = match plan.mode {
@@ -117,6 +118,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     };
     let load_secs = t_load.elapsed().as_secs_f64();
+    let load_read_bytes = storage_read_bytes().zip(io_before).map(|(a, b)| a.saturating_sub(b));
 
     let n_ctx = args.ctx.unwrap_or_else(|| 4096.min(model.n_ctx_train().max(1)));
     if n_ctx == 0 {
@@ -173,7 +175,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         w.finish()?;
     }
     let gen_metrics = streamer.as_deref().map(|s| s.metrics().since(&at_prefill));
-    let report = RunReport::new(&plan, load_secs, threads, &stats, gen_metrics, streamer.as_deref());
+    let mut report = RunReport::new(&plan, load_secs, threads, &stats, gen_metrics, streamer.as_deref());
+    report.load_read_bytes = load_read_bytes;
     if args.json {
         eprintln!("{}", serde_json::to_string(&report)?);
     } else {
@@ -252,6 +255,9 @@ pub struct RunReport {
     pub predicted_tps: Option<f64>,
     pub ceiling_tps: Option<f64>,
     pub peak_rss_bytes: u64,
+    /// Bytes the process read from storage while loading (`/proc/self/io`),
+    /// page-cache hits excluded: about the resident bytes when streaming.
+    pub load_read_bytes: Option<u64>,
 }
 
 impl RunReport {
@@ -281,6 +287,7 @@ impl RunReport {
             predicted_tps: plan.predicted_tps,
             ceiling_tps: plan.ceiling_tps,
             peak_rss_bytes: peak_rss_bytes(),
+            load_read_bytes: None,
         }
     }
 
@@ -314,6 +321,12 @@ impl RunReport {
         }
         s
     }
+}
+
+/// Bytes this process has read from storage (`read_bytes` of /proc/self/io).
+fn storage_read_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/io").ok()?;
+    s.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// Peak resident set size of this process (getrusage).

@@ -32,6 +32,16 @@ pub(crate) fn probe(quick: bool) -> Result<MemoryProfile> {
     })
 }
 
+/// Memory this process may use now: available memory, capped by the memory
+/// cgroup's limit (the limit itself, not limit − usage: a cgroup's usage
+/// counts reclaimable page cache). Read live, so it sees the current cgroup.
+pub fn usable_now() -> u64 {
+    let total = total_bytes();
+    let available = available_bytes().unwrap_or(total);
+    let (limit, _) = cgroup_memory();
+    limit.map_or(available, |l| available.min(l))
+}
+
 #[cfg(target_os = "linux")]
 fn meminfo(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -5,7 +5,7 @@
 
 mod cpu;
 mod ggml;
-mod memory;
+pub mod memory;
 mod report;
 mod storage;
 

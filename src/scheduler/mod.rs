@@ -52,7 +52,7 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 /// the default budget and the bandwidths the estimator uses.
 pub fn plan_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs) -> anyhow::Result<Plan> {
     let profile = crate::profiler::load_cached();
-    let ram_budget = args.ram_budget.unwrap_or_else(|| default_ram_budget(profile.as_ref()));
+    let ram_budget = args.ram_budget.unwrap_or_else(default_ram_budget);
     Plan::new(&PlanInput {
         gguf,
         ram_budget,
