@@ -80,3 +80,11 @@ fn load_reads_only_resident_bytes() {
     assert!(read <= resident + resident / 4 + (4 << 20), "load read {read} bytes, resident part is {resident}: {r}");
     assert!(read < size - streamed / 2, "load read {read} of a {size}-byte file: {r}");
 }
+
+#[test]
+fn synthetic_moe_128x8_streaming_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("moe128.gguf");
+    gen(&m, &["--arch", "qwen3moe", "--layers", "3", "--embd", "256", "--experts", "128", "--experts-used", "8", "--ff-exp", "128", "--type", "q8_0", "--seed", "17"]);
+    check_bit_identical(&m, "6M", "experts");
+}
