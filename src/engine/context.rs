@@ -35,6 +35,10 @@ impl Default for ContextOptions {
 /// An owned `llama_context`. Positions advance with every decoded token.
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
+    /// A persistent CPU threadpool. Without one, ggml's CPU backend creates and
+    /// joins threads on every graph compute, and streaming splits a token
+    /// into one compute per layer.
+    threadpool: *mut sys::ggml_threadpool,
     model: &'m Model,
     n_ctx: u32,
     n_batch: u32,
@@ -69,7 +73,18 @@ impl<'m> Context<'m> {
         })?;
         // SAFETY: live context.
         let n_ctx = unsafe { sys::llama_n_ctx(ptr.as_ptr()) };
-        Ok(Context { ptr, model, n_ctx, n_batch: opts.n_batch.max(1), n_past: 0, _not_send: PhantomData })
+        // SAFETY: plain constructors; the pool is attached to the context,
+        // which is freed before the pool (Drop). Same thread count as the
+        // context, so the work split (and the numerics) do not change.
+        let threadpool = unsafe {
+            let mut tpp = sys::ggml_threadpool_params_default(opts.n_threads.max(1));
+            let tp = sys::ggml_threadpool_new(&mut tpp);
+            if !tp.is_null() {
+                sys::llama_attach_threadpool(ptr.as_ptr(), tp, tp);
+            }
+            tp
+        };
+        Ok(Context { ptr, threadpool, model, n_ctx, n_batch: opts.n_batch.max(1), n_past: 0, _not_send: PhantomData })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -149,7 +164,13 @@ impl<'m> Context<'m> {
 
 impl Drop for Context<'_> {
     fn drop(&mut self) {
-        // SAFETY: we own the context.
-        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+        // SAFETY: we own the context and the threadpool; the context goes
+        // first since it references the pool.
+        unsafe {
+            sys::llama_free(self.ptr.as_ptr());
+            if !self.threadpool.is_null() {
+                sys::ggml_threadpool_free(self.threadpool);
+            }
+        }
     }
 }
