@@ -84,7 +84,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    if !(args.temp >= 0.0) || !args.temp.is_finite() {
+    if args.temp.is_nan() || args.temp < 0.0 || !args.temp.is_finite() {
         bail!("--temp must be a finite number >= 0 (got {})", args.temp);
     }
     if args.batch == 0 {

@@ -111,7 +111,7 @@ impl Model {
         // SAFETY: `cpath`, `overrides` (and the patterns it points to) and the
         // progress closure outlive the call; params is fully initialised.
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
-        drop(progress_ref);
+        let _ = &mut progress_ref; // the closure must live until here
         let ptr = NonNull::new(raw).ok_or_else(|| {
             let why = backend::take_last_error().unwrap_or_else(|| "unknown error (run with HYPURA_LOG=info)".into());
             anyhow!("{}: llama.cpp could not load the model: {why}", path.display())

@@ -27,7 +27,7 @@ impl Sampler {
             sum += p;
             self.scratch.push(p as f32);
         }
-        if !(sum > 0.0) || !sum.is_finite() {
+        if sum.is_nan() || sum <= 0.0 || !sum.is_finite() {
             return argmax(logits) as i32;
         }
         let mut r = self.rng.next_f64() * sum;

@@ -305,7 +305,7 @@ impl Streamer {
                         bail!("'{}': llama.cpp has {} bytes, the file {}", t.name, r.nbytes, t.size);
                     }
                     let n = t.n_experts.unwrap_or(1).max(1) as usize;
-                    if t.size as usize % n != 0 {
+                    if !(t.size as usize).is_multiple_of(n) {
                         bail!("'{}': {} bytes do not split into {n} experts", t.name, t.size);
                     }
                     let start = cursor + slot_offset_for(t.file_offset);
@@ -720,7 +720,7 @@ impl Streamer {
             self.spec_recent = (used / 2, wasted / 2);
         }
         let total = used + wasted;
-        if total >= 32 && used * 2 < total && self.metrics.passes % 8 != 0 {
+        if total >= 32 && used * 2 < total && !self.metrics.passes.is_multiple_of(8) {
             return Ok(());
         }
         let Some(el) = self.experts.get(layer).and_then(Option::as_ref) else { return Ok(()) };
@@ -812,6 +812,10 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
 }
 
 /// Abort callback for the context: stops the compute after a streaming error.
+///
+/// # Safety
+/// `user` must be the pointer [`Streamer::hook`] registered, and the streamer
+/// must outlive the context.
 pub unsafe extern "C" fn abort_callback(user: *mut c_void) -> bool {
     // SAFETY: same pointer and lifetime as the eval callback's user data.
     let s = unsafe { &*(user as *const Streamer) };

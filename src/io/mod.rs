@@ -203,6 +203,13 @@ pub struct ReadRequest {
     pub dst_cap: usize,
 }
 
+impl ReadRequest {
+    /// A request that reads into the whole of `buf`.
+    pub fn for_buf(file: FileId, file_offset: u64, len: usize, buf: &mut AlignedBuf) -> ReadRequest {
+        ReadRequest { file, file_offset, len, dst: buf.as_mut_ptr(), dst_cap: buf.len() }
+    }
+}
+
 /// Handle of a submitted request; collect it exactly once with `wait` or `try_wait`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ticket {
@@ -307,13 +314,7 @@ pub trait ReadBackend: Send {
         len: usize,
         buf: &mut AlignedBuf,
     ) -> Result<std::ops::Range<usize>, IoError> {
-        let req = ReadRequest {
-            file,
-            file_offset,
-            len,
-            dst: buf.as_mut_ptr(),
-            dst_cap: buf.len(),
-        };
+        let req = ReadRequest::for_buf(file, file_offset, len, buf);
         // SAFETY: `buf` is mutably borrowed until we return, and we return only after the
         // request is collected (on a submit error nothing was queued).
         let t = unsafe { self.submit(req)? };

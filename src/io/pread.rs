@@ -170,13 +170,7 @@ impl ReadBackend for PreadReader {
         len: usize,
         mut buf: AlignedBuf,
     ) -> Result<Ticket, IoError> {
-        let req = ReadRequest {
-            file,
-            file_offset,
-            len,
-            dst: buf.as_mut_ptr(),
-            dst_cap: buf.len(),
-        };
+        let req = ReadRequest::for_buf(file, file_offset, len, &mut buf);
         submit_inner(&self.shared, &req, Some(buf), self.opts.queue_depth)
     }
 

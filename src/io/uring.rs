@@ -267,13 +267,7 @@ impl ReadBackend for UringReader {
         len: usize,
         mut buf: AlignedBuf,
     ) -> Result<Ticket, IoError> {
-        let req = ReadRequest {
-            file,
-            file_offset,
-            len,
-            dst: buf.as_mut_ptr(),
-            dst_cap: buf.len(),
-        };
+        let req = ReadRequest::for_buf(file, file_offset, len, &mut buf);
         self.submit_inner(&req, Some(buf))
     }
 

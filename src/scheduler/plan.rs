@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::gguf::{GgufFile, TensorRole};
+use crate::gguf::{GgufFile, TensorInfo, TensorRole};
 use crate::io::slot_len_for;
 
 use super::size::format_bytes;
@@ -56,6 +56,19 @@ pub struct StreamedTensor {
     pub size: u64,
     /// Experts in the tensor (`*_exps`), each a contiguous `size / n` range.
     pub n_experts: Option<u64>,
+}
+
+impl StreamedTensor {
+    fn from_info(t: &TensorInfo) -> StreamedTensor {
+        StreamedTensor {
+            name: t.name.clone(),
+            layer: t.layer.unwrap_or(0),
+            role: t.role,
+            file_offset: t.offset,
+            size: t.size,
+            n_experts: if t.role.is_experts() { t.n_experts() } else { None },
+        }
+    }
 }
 
 /// The placement plan.
@@ -205,14 +218,7 @@ impl Plan {
             .tensors
             .iter()
             .filter(|t| t.role.is_dense_ffn() && t.layer.is_some_and(|l| streamed_layers.contains(&l)))
-            .map(|t| StreamedTensor {
-                name: t.name.clone(),
-                layer: t.layer.unwrap_or(0),
-                role: t.role,
-                file_offset: t.offset,
-                size: t.size,
-                n_experts: None,
-            })
+            .map(StreamedTensor::from_info)
             .collect();
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
         let pool_bytes = n_slots as u64 * slot_bytes;
@@ -243,14 +249,7 @@ impl Plan {
             .tensors
             .iter()
             .filter(|t| t.role.is_experts())
-            .map(|t| StreamedTensor {
-                name: t.name.clone(),
-                layer: t.layer.unwrap_or(0),
-                role: t.role,
-                file_offset: t.offset,
-                size: t.size,
-                n_experts: t.n_experts(),
-            })
+            .map(StreamedTensor::from_info)
             .collect();
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
         let base = model_bytes - streamed_bytes;
