@@ -194,6 +194,8 @@ pub struct Streamer {
     expert_budget: u64,
     expert_resident: u64,
     ids_scratch: Vec<i32>,
+    /// Router ids copied back from a device buffer.
+    ids_bytes: Vec<u8>,
     prev_ids: Vec<i32>,
     prev_layer: usize,
     last_layer_seen: usize,
@@ -250,6 +252,7 @@ impl Streamer {
             expert_budget: plan.pool_bytes,
             expert_resident: 0,
             ids_scratch: Vec::new(),
+            ids_bytes: Vec::new(),
             prev_ids: Vec::new(),
             prev_layer: usize::MAX,
             last_layer_seen: usize::MAX,
@@ -561,14 +564,28 @@ impl Streamer {
     /// which experts follow which, and reads ahead the next layer's likely
     /// experts (lookahead ≥ 1).
     fn load_selected_experts(&mut self, layer: usize, topk: *mut sys::ggml_tensor) -> Result<()> {
-        // SAFETY: the node was just computed (ask=false) and is a host I32 tensor.
-        let (k, n_tok, nb1, data) = unsafe {
+        // SAFETY: the node was just computed (ask=false) and synchronised.
+        let (k, n_tok, nb1, mut data) = unsafe {
             let t = &*topk;
             if t.type_ != sys::GGML_TYPE_I32 {
                 bail!("layer {layer}: router top-k is not I32");
             }
             (t.ne[0] as usize, t.ne[1] as usize, t.nb[1], t.data as *const u8)
         };
+        // On a GPU (attention there, experts on the CPU) the ids are copied
+        // back first; the view's strided bytes come along as they are.
+        // SAFETY: live node; its buffer pointer is valid or null.
+        let on_host = unsafe { (*topk).buffer.is_null() || sys::ggml_backend_buffer_is_host((*topk).buffer) };
+        if !on_host {
+            // SAFETY: live node.
+            let nbytes = unsafe { sys::ggml_nbytes(topk) };
+            if self.ids_bytes.len() < nbytes {
+                self.ids_bytes.resize(nbytes, 0); // grows once to the largest batch
+            }
+            // SAFETY: ids_bytes holds nbytes; the backend copies the view's range.
+            unsafe { sys::ggml_backend_tensor_get(topk, self.ids_bytes.as_mut_ptr().cast(), 0, nbytes) };
+            data = self.ids_bytes.as_ptr();
+        }
         let n_exp = self.experts[layer].as_ref().context("expert layer")?.n();
         self.ids_scratch.clear();
         for row in 0..n_tok {
