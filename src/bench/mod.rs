@@ -26,7 +26,7 @@ use crate::gguf::GgufFile;
 use crate::profiler::MachineProfile;
 use crate::scheduler::Mode;
 use config::{BenchConfig, RunSettings};
-use report::{BenchDoc, ModelInfo};
+use report::{BenchDoc, MemoryNow, ModelInfo};
 use runner::{Outcome, RunRecord};
 
 /// What to bench and how.
@@ -67,42 +67,16 @@ pub struct BenchOutput {
 /// The memory this process may use now: `MemAvailable`, lowered to the
 /// headroom (limit − usage) of the tightest memory cgroup it is in (v2 or v1).
 pub fn usable_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let avail = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?
-        * 1024;
-    let cg = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    Some(avail.min(cgroup_headroom(&cg, Path::new("/sys/fs/cgroup")).unwrap_or(u64::MAX)))
+    memory_now().available_bytes
 }
 
-/// The smallest limit − usage over the process's memory cgroup and its ancestors.
-fn cgroup_headroom(self_cgroup: &str, root: &Path) -> Option<u64> {
-    let read = |p: &Path| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
-    let mut best: Option<u64> = None;
-    for line in self_cgroup.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
-        let (mount, max_file, cur_file) = if id == "0" && ctrls.is_empty() {
-            (root.to_path_buf(), "memory.max", "memory.current")
-        } else if ctrls.split(',').any(|c| c == "memory") {
-            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")
-        } else {
-            continue;
-        };
-        let mut dir = mount.join(path.trim_start_matches('/'));
-        loop {
-            if let Some(max) = read(&dir.join(max_file)).filter(|m| *m < 1 << 60) {
-                let room = max.saturating_sub(read(&dir.join(cur_file)).unwrap_or(0));
-                best = Some(best.map_or(room, |b| b.min(room)));
-            }
-            if dir == mount || !dir.pop() || !dir.starts_with(&mount) {
-                break;
-            }
-        }
+/// Memory available now and the tightest cgroup limit, read live (the cached
+/// profile may have been measured outside the cgroup the bench runs in).
+pub fn memory_now() -> MemoryNow {
+    MemoryNow {
+        available_bytes: Some(crate::profiler::memory::usable_now()),
+        cgroup_limit_bytes: crate::profiler::memory::cgroup_limit_now(),
     }
-    best
 }
 
 /// The machine profile for the disk ceiling and the runs' predictions: the
@@ -264,6 +238,7 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
     }
     overall.finish_and_clear();
 
+    let memory = memory_now();
     let disk_ceiling_gbps = profile.as_ref().map(|p| p.storage.best_seq_gbps).filter(|g| *g > 0.0);
     let summary = report::summarise(&configs, &runs, disk_ceiling_gbps);
     let best = report::best_lookahead(&summary);
@@ -274,6 +249,7 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
         command: opts.command.clone(),
         interrupted,
         machine: profile,
+        memory_now: memory,
         disk_ceiling_gbps,
         model: model_info(&opts.model, gguf),
         settings,
@@ -319,7 +295,7 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_headroom_walks_v1_and_v2_ancestors() {
+    fn cgroup_memory_walks_v1_and_v2_ancestors() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let v2 = root.join("a/b");
@@ -327,14 +303,14 @@ mod tests {
         std::fs::write(v2.join("memory.max"), "1000\n").unwrap();
         std::fs::write(v2.join("memory.current"), "300\n").unwrap();
         std::fs::write(root.join("a/memory.max"), "max\n").unwrap();
-        assert_eq!(cgroup_headroom("0::/a/b\n", root), Some(700));
+        assert_eq!(cgroup_memory("0::/a/b\n", root), (Some(1000), Some(700)));
         let v1 = root.join("memory/x/y");
         std::fs::create_dir_all(&v1).unwrap();
         std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
         std::fs::write(root.join("memory/x/memory.limit_in_bytes"), "500\n").unwrap();
         std::fs::write(root.join("memory/x/memory.usage_in_bytes"), "100\n").unwrap();
-        assert_eq!(cgroup_headroom("4:memory:/x/y\n", root), Some(400));
-        assert_eq!(cgroup_headroom("1:cpu:/\n", root), None);
+        assert_eq!(cgroup_memory("4:memory:/x/y\n", root), (Some(500), Some(400)));
+        assert_eq!(cgroup_memory("1:cpu:/\n", root), (None, None));
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub struct ModelInfo {
     pub experts_used: Option<u64>,
 }
 
+/// Memory as the bench found it, read live (cgroup-aware).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct MemoryNow {
+    /// What this process may still use: `MemAvailable`, capped by the cgroup's headroom.
+    pub available_bytes: Option<u64>,
+    /// The tightest memory cgroup limit, if any.
+    pub cgroup_limit_bytes: Option<u64>,
+}
+
 /// Medians (and spreads for the speeds) of one configuration's recorded runs.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConfigSummary {
@@ -80,6 +89,8 @@ pub struct BenchDoc {
     pub interrupted: bool,
     /// The cached machine profile (absent when none could be had).
     pub machine: Option<MachineProfile>,
+    /// Memory when the runs started.
+    pub memory_now: MemoryNow,
     /// The profiled sequential disk ceiling, GB/s.
     pub disk_ceiling_gbps: Option<f64>,
     pub model: ModelInfo,
@@ -208,9 +219,13 @@ pub fn markdown(doc: &BenchDoc) -> String {
         format!("{} warm-up + {} recorded round(s)", doc.warmup_rounds, doc.repeat),
         format!("RAM budget {}", s.ram_budget_bytes.map_or("run's default".to_string(), format_bytes)),
     ];
+    match (doc.memory_now.available_bytes, doc.memory_now.cgroup_limit_bytes) {
+        (Some(a), Some(l)) => facts.push(format!("memory cgroup limit {} ({} available)", format_bytes(l), format_bytes(a))),
+        (Some(a), None) => facts.push(format!("memory {} available", format_bytes(a))),
+        _ => {}
+    }
     if let Some(p) = &doc.machine {
         facts.push(format!("disk ceiling {:.2} GB/s ({})", p.storage.best_seq_gbps, p.storage.backend));
-        facts.push(format!("memory {} available", format_bytes(p.memory.available_bytes)));
     } else {
         facts.push("no machine profile: no disk ceiling".to_string());
     }

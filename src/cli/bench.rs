@@ -102,6 +102,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    // Fail now rather than after the runs.
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create --out {}", args.out.display()))?;
     let exe = std::env::current_exe().context("cannot find the hypura binary to run")?;
     let profile = bench::machine_profile(&args.model);
     let opts = BenchOptions {

@@ -730,16 +730,19 @@ impl Streamer {
     /// current picks, if the budget has room without evicting anything in use.
     fn speculate(&mut self, layer: usize, k: usize) -> Result<()> {
         // Read ahead only while it pays: at least half of recent read-aheads
-        // used. When it does not, one pass in 8 still probes, so a model whose
-        // routing becomes predictable gets read-ahead back.
+        // used. When it does not, one pass in 32 still probes with one expert,
+        // so a model whose routing becomes predictable gets read-ahead back.
         let (used, wasted) = self.spec_recent;
         if used + wasted > 256 {
             self.spec_recent = (used / 2, wasted / 2);
         }
         let total = used + wasted;
-        if total >= 32 && used * 2 < total && !self.metrics.passes.is_multiple_of(8) {
+        let paying = total < 32 || used * 2 >= total;
+        if !paying && !self.metrics.passes.is_multiple_of(32) {
             return Ok(());
         }
+        // While it is not paying, a probe reads one expert, not k.
+        let k = if paying { k } else { 1 };
         let Some(el) = self.experts.get(layer).and_then(Option::as_ref) else { return Ok(()) };
         let n = el.n();
         self.scores.clear();

@@ -42,6 +42,12 @@ pub fn usable_now() -> u64 {
     limit.map_or(available, |l| available.min(l))
 }
 
+/// The tightest memory cgroup limit over this process's cgroup and its
+/// ancestors, read live; `None` when unlimited.
+pub fn cgroup_limit_now() -> Option<u64> {
+    cgroup_memory().0
+}
+
 #[cfg(target_os = "linux")]
 fn meminfo(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -57,7 +57,8 @@ pub fn plan_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs) -> a
         gguf,
         ram_budget,
         mode: args.mode,
-        lookahead: args.lookahead,
+        // An explicit --lookahead wins; else what `hypura bench --save` chose.
+        lookahead: args.lookahead.or_else(|| crate::config::saved_lookahead(&gguf.path)),
         disk_gbps: profile.as_ref().map(|p| p.storage.best_seq_gbps).filter(|g| *g > 0.0),
         mem_gbps: profile.as_ref().map(|p| p.memory.read_gbps).filter(|g| *g > 0.0),
     })

@@ -312,7 +312,10 @@ impl Plan {
             _ => model_bytes as f64,
         };
         let compute_s = input.mem_gbps.filter(|m| *m > 0.0).map_or(0.0, |m| compute_bytes / (m * 1e9));
-        let token_s = if self.lookahead == 0 { read_s + compute_s } else { read_s.max(compute_s) };
+        // Dense layers are read ahead, so reads overlap compute when L ≥ 1.
+        // Experts cannot be read before the router picks them: serial.
+        let overlap = self.lookahead > 0 && self.mode == Mode::Dense;
+        let token_s = if overlap { read_s.max(compute_s) } else { read_s + compute_s };
         self.predicted_tps = (token_s > 0.0).then(|| 1.0 / token_s);
     }
 }
