@@ -295,25 +295,6 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_memory_walks_v1_and_v2_ancestors() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        let v2 = root.join("a/b");
-        std::fs::create_dir_all(&v2).unwrap();
-        std::fs::write(v2.join("memory.max"), "1000\n").unwrap();
-        std::fs::write(v2.join("memory.current"), "300\n").unwrap();
-        std::fs::write(root.join("a/memory.max"), "max\n").unwrap();
-        assert_eq!(cgroup_memory("0::/a/b\n", root), (Some(1000), Some(700)));
-        let v1 = root.join("memory/x/y");
-        std::fs::create_dir_all(&v1).unwrap();
-        std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
-        std::fs::write(root.join("memory/x/memory.limit_in_bytes"), "500\n").unwrap();
-        std::fs::write(root.join("memory/x/memory.usage_in_bytes"), "100\n").unwrap();
-        assert_eq!(cgroup_memory("4:memory:/x/y\n", root), (Some(500), Some(400)));
-        assert_eq!(cgroup_memory("1:cpu:/\n", root), (None, None));
-    }
-
-    #[test]
     fn stems_are_file_name_safe() {
         assert_eq!(stem(Path::new("/m/Qwen3 30B.Q4_K.gguf")), "Qwen3_30B.Q4_K");
     }
