@@ -29,7 +29,13 @@ fn main() {
     assert!(impl_header.is_file(), "{} is missing", impl_header.display());
     println!("cargo:rerun-if-changed={}", impl_header.display());
 
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    // GGML_BACKEND_DL: the CPU backend is loaded at run time, so the shim also
+    // answers the `ggml_cpu_has_*` queries from its feature list.
+    if env::var_os("CARGO_FEATURE_DYNAMIC_BACKENDS").is_some() {
+        build.define("HYPURA_CPU_DL", None);
+    }
+    build
         .file("shim/hypura_shim.c")
         .include(root.join("include"))
         .include(ggml_src.join("include"))

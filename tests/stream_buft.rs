@@ -20,7 +20,7 @@ fn check(file: &str, load_mode: LoadMode, hide: bool) {
     let buft = StreamBufferType::new_host().unwrap();
     buft.set_hide_names(hide);
     let overrides = vec![(FFN.to_string(), buft.as_raw())];
-    let model = Model::load(&path, LoadOptions { load_mode, repack: false, buft_overrides: &overrides, progress: None }).unwrap();
+    let model = Model::load(&path, LoadOptions { load_mode, repack: false, buft_overrides: &overrides, progress: None, n_gpu_layers: 0 }).unwrap();
     buft.restore_names().unwrap();
     let got = buft.reported();
 

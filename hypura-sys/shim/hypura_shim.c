@@ -238,3 +238,57 @@ void hypura_tensor_set_name(struct ggml_tensor * tensor, const char * name) {
 }
 
 
+
+// ------------------------------------------------ dynamic CPU backend ----
+//
+// Only with the `dynamic-backends` feature (GGML_BACKEND_DL, HYPURA_CPU_DL
+// defined by build.rs): the CPU backend is then a library loaded at run time
+// (one of several CPU variants), so the `ggml_cpu_has_*` queries the profiler
+// links against exist in no linked library. These answer them from the loaded
+// CPU backend's feature list, i.e. the variant ggml picked for this machine.
+#ifdef HYPURA_CPU_DL
+
+static int hypura_cpu_feature(const char * name) {
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("CPU");
+    if (reg == NULL) {
+        return 0;
+    }
+    ggml_backend_get_features_t get =
+        (ggml_backend_get_features_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features");
+    if (get == NULL) {
+        return 0;
+    }
+    for (struct ggml_backend_feature * f = get(reg); f != NULL && f->name != NULL; f++) {
+        if (strcmp(f->name, name) == 0) {
+            return f->value != NULL && strcmp(f->value, "0") != 0;
+        }
+    }
+    return 0;
+}
+
+#define HYPURA_CPU_HAS(fn, feat) \
+    int ggml_cpu_has_##fn(void);  \
+    int ggml_cpu_has_##fn(void) { return hypura_cpu_feature(feat); }
+
+HYPURA_CPU_HAS(sse3, "SSE3")
+HYPURA_CPU_HAS(ssse3, "SSSE3")
+HYPURA_CPU_HAS(avx, "AVX")
+HYPURA_CPU_HAS(avx_vnni, "AVX_VNNI")
+HYPURA_CPU_HAS(avx2, "AVX2")
+HYPURA_CPU_HAS(bmi2, "BMI2")
+HYPURA_CPU_HAS(f16c, "F16C")
+HYPURA_CPU_HAS(fma, "FMA")
+HYPURA_CPU_HAS(avx512, "AVX512")
+HYPURA_CPU_HAS(avx512_vbmi, "AVX512_VBMI")
+HYPURA_CPU_HAS(avx512_vnni, "AVX512_VNNI")
+HYPURA_CPU_HAS(avx512_bf16, "AVX512_BF16")
+HYPURA_CPU_HAS(amx_int8, "AMX_INT8")
+HYPURA_CPU_HAS(neon, "NEON")
+HYPURA_CPU_HAS(arm_fma, "ARM_FMA")
+HYPURA_CPU_HAS(fp16_va, "FP16_VA")
+HYPURA_CPU_HAS(dotprod, "DOTPROD")
+HYPURA_CPU_HAS(matmul_int8, "MATMUL_INT8")
+HYPURA_CPU_HAS(sve, "SVE")
+HYPURA_CPU_HAS(sme, "SME")
+
+#endif  // HYPURA_CPU_DL

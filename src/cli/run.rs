@@ -68,6 +68,22 @@ pub struct RunArgs {
     /// Print the final statistics as one JSON object on stderr.
     #[arg(long)]
     pub json: bool,
+    /// Layers resident on the GPU (the last ones first, then the output
+    /// layer), or `all`. Needs a GPU backend (see docs/gpu.md); default 0, CPU
+    /// only. Not combined with streaming yet.
+    #[arg(long, value_name = "N|all", default_value = "0", value_parser = parse_gpu_layers)]
+    pub gpu_layers: i32,
+}
+
+/// `--gpu-layers`: a count, or `all` (llama.cpp's -1).
+fn parse_gpu_layers(s: &str) -> std::result::Result<i32, String> {
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(-1);
+    }
+    s.parse::<u32>()
+        .ok()
+        .and_then(|n| i32::try_from(n).ok())
+        .ok_or_else(|| format!("expected a number of layers or 'all', got '{s}'"))
 }
 
 
@@ -101,6 +117,9 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let plan = plan_for_machine(&gguf, &args.placement)?;
     tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, "plan");
+    if args.gpu_layers != 0 && plan.mode != Mode::Resident {
+        bail!("--gpu-layers needs the model resident (mode {:?}): streaming to the GPU is not supported yet; pass --mode resident or a larger --ram-budget", plan.mode);
+    }
 
     // Drop order matters: context, then streamer, then model, then buffer type.
     let t_load = Instant::now();
@@ -125,6 +144,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         bail!("--ctx must be at least 1");
     }
     let mut copts = ContextOptions { n_ctx, n_batch: args.batch, n_threads: threads as i32, ..ContextOptions::default() };
+    if args.gpu_layers != 0 {
+        copts.cpu_poll = Some(0);
+    }
     if let Some(st) = streamer.as_mut() {
         st.hook(&mut copts);
     }
@@ -177,6 +199,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gen_metrics = streamer.as_deref().map(|s| s.metrics().since(&at_prefill));
     let mut report = RunReport::new(&plan, load_secs, threads, &stats, gen_metrics, streamer.as_deref());
     report.load_read_bytes = load_read_bytes;
+    report.gpu_layers = args.gpu_layers;
     if args.json {
         eprintln!("{}", serde_json::to_string(&report)?);
     } else {
@@ -197,7 +220,7 @@ fn load_model(args: &RunArgs, plan: &Plan, buft: &StreamBufferType) -> Result<Mo
         (_, m) => m,
     };
     buft.set_hide_names(plan.mode != Mode::Resident);
-    load_with_progress(&args.model, load_mode, !args.no_repack, &overrides)
+    load_with_progress(&args.model, load_mode, !args.no_repack, &overrides, args.gpu_layers)
 }
 
 /// Regexes that route the plan's streamed tensors into the buffer type: one
@@ -258,6 +281,8 @@ pub struct RunReport {
     /// Bytes the process read from storage while loading (`/proc/self/io`),
     /// page-cache hits excluded: about the resident bytes when streaming.
     pub load_read_bytes: Option<u64>,
+    /// `--gpu-layers` (-1: all).
+    pub gpu_layers: i32,
 }
 
 impl RunReport {
@@ -288,6 +313,7 @@ impl RunReport {
             ceiling_tps: plan.ceiling_tps,
             peak_rss_bytes: peak_rss_bytes(),
             load_read_bytes: None,
+            gpu_layers: 0,
         }
     }
 
@@ -307,6 +333,10 @@ impl RunReport {
             self.lookahead,
             format_bytes(self.peak_rss_bytes),
         );
+        if self.gpu_layers != 0 {
+            let n = if self.gpu_layers < 0 { "all".to_string() } else { self.gpu_layers.to_string() };
+            s += &format!(" | gpu layers {n}");
+        }
         if let (Some(b), Some(st)) = (self.read_bytes_per_token, self.stall_ms_per_token) {
             s += &format!("\nstreaming: {}/token read, stall {st:.1} ms/token", format_bytes(b as u64));
             if let Some(g) = self.disk_gbps {
@@ -342,13 +372,14 @@ pub fn load_with_progress(
     load_mode: LoadMode,
     repack: bool,
     buft_overrides: &[(String, hypura_sys::ggml_backend_buffer_type_t)],
+    n_gpu_layers: i32,
 ) -> Result<Model> {
     let bar = ProgressBar::new(1000);
     bar.set_style(
         ProgressStyle::with_template("loading {bar:40.cyan/blue} {percent:>3}% {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut progress = |p: f32| bar.set_position((p.clamp(0.0, 1.0) * 1000.0) as u64);
-    let model = Model::load(path, LoadOptions { load_mode, repack, buft_overrides, progress: Some(&mut progress) });
+    let model = Model::load(path, LoadOptions { load_mode, repack, buft_overrides, progress: Some(&mut progress), n_gpu_layers });
     bar.finish_and_clear();
     model
 }

@@ -24,11 +24,16 @@ pub struct ContextOptions {
     pub eval_user_data: *mut c_void,
     /// Abort callback (gets `eval_user_data`): true stops the compute.
     pub abort_callback: sys::ggml_abort_callback,
+    /// The CPU threadpool's polling level (`ggml_threadpool_params::poll`),
+    /// None for ggml's default. 0 (sleep at once between computes) when the
+    /// layers are on a GPU: spinning workers then only take CPU time from the
+    /// thread that drives the GPU.
+    pub cpu_poll: Option<u32>,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut(), abort_callback: None }
+        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut(), abort_callback: None, cpu_poll: None }
     }
 }
 
@@ -76,13 +81,19 @@ impl<'m> Context<'m> {
         // SAFETY: plain constructors; the pool is attached to the context,
         // which is freed before the pool (Drop). Same thread count as the
         // context, so the work split (and the numerics) do not change.
-        let threadpool = unsafe {
-            let mut tpp = sys::ggml_threadpool_params_default(opts.n_threads.max(1));
-            let tp = sys::ggml_threadpool_new(&mut tpp);
-            if !tp.is_null() {
-                sys::llama_attach_threadpool(ptr.as_ptr(), tp, tp);
-            }
-            tp
+        let threadpool = match cpu_threadpool_fns() {
+            Some((new_fn, _)) => unsafe {
+                let mut tpp = sys::ggml_threadpool_params_default(opts.n_threads.max(1));
+                if let Some(poll) = opts.cpu_poll {
+                    tpp.poll = poll;
+                }
+                let tp = new_fn(&mut tpp);
+                if !tp.is_null() {
+                    sys::llama_attach_threadpool(ptr.as_ptr(), tp, tp);
+                }
+                tp
+            },
+            None => std::ptr::null_mut(),
         };
         Ok(Context { ptr, threadpool, model, n_ctx, n_batch: opts.n_batch.max(1), n_past: 0, _not_send: PhantomData })
     }
@@ -169,8 +180,46 @@ impl Drop for Context<'_> {
         unsafe {
             sys::llama_free(self.ptr.as_ptr());
             if !self.threadpool.is_null() {
-                sys::ggml_threadpool_free(self.threadpool);
+                if let Some((_, free_fn)) = cpu_threadpool_fns() {
+                    free_fn(self.threadpool);
+                }
             }
         }
     }
+}
+
+type ThreadpoolNewFn = unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool;
+type ThreadpoolFreeFn = unsafe extern "C" fn(*mut sys::ggml_threadpool);
+
+/// `ggml_threadpool_new` / `ggml_threadpool_free`, looked up through the CPU
+/// backend's registry (`get_proc_address`) rather than linked: with
+/// `GGML_BACKEND_DL` the CPU backend is a library loaded at run time, so its
+/// symbols cannot be linked; in a static build the registry hands back the
+/// very same functions. None when there is no CPU backend or it exports no
+/// threadpool (then llama.cpp makes its own threads per compute).
+fn cpu_threadpool_fns() -> Option<(ThreadpoolNewFn, ThreadpoolFreeFn)> {
+    use std::sync::OnceLock;
+    static FNS: OnceLock<Option<(usize, usize)>> = OnceLock::new();
+    let (n, f) = (*FNS.get_or_init(|| {
+        backend::init();
+        // SAFETY: registry queries on initialised backends; names are
+        // NUL-terminated literals; a non-null result is the named function.
+        unsafe {
+            let dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+            if dev.is_null() {
+                return None;
+            }
+            let reg = sys::ggml_backend_dev_backend_reg(dev);
+            if reg.is_null() {
+                return None;
+            }
+            let n = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_new".as_ptr());
+            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_threadpool_free".as_ptr());
+            (!n.is_null() && !f.is_null()).then_some((n as usize, f as usize))
+        }
+    }))?;
+    // SAFETY: the addresses are ggml_threadpool_new / ggml_threadpool_free of
+    // the CPU backend, whose signatures these types spell out; backends stay
+    // loaded for the life of the process.
+    unsafe { Some((std::mem::transmute::<usize, ThreadpoolNewFn>(n), std::mem::transmute::<usize, ThreadpoolFreeFn>(f))) }
 }

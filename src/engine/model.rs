@@ -44,11 +44,15 @@ pub struct LoadOptions<'a> {
     pub buft_overrides: &'a [(String, sys::ggml_backend_buffer_type_t)],
     /// Called with the load progress in [0, 1].
     pub progress: Option<&'a mut dyn FnMut(f32)>,
+    /// Repeating layers resident on the GPU (the last ones, then the output
+    /// layer): 0 is CPU only, negative is all. Needs a GPU backend (built in,
+    /// or loaded with GGML_BACKEND_DL); without one everything stays on the CPU.
+    pub n_gpu_layers: i32,
 }
 
 impl Default for LoadOptions<'_> {
     fn default() -> Self {
-        LoadOptions { load_mode: LoadMode::Auto, repack: true, buft_overrides: &[], progress: None }
+        LoadOptions { load_mode: LoadMode::Auto, repack: true, buft_overrides: &[], progress: None, n_gpu_layers: 0 }
     }
 }
 
@@ -95,7 +99,7 @@ impl Model {
         let mut params = unsafe { sys::llama_model_default_params() };
         params.load_mode = opts.load_mode.to_sys();
         params.use_extra_bufts = opts.repack;
-        params.n_gpu_layers = 0;
+        params.n_gpu_layers = opts.n_gpu_layers;
         if opts.buft_overrides.is_empty() {
             params.tensor_buft_overrides = std::ptr::null();
         } else {
