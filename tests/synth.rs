@@ -2,19 +2,15 @@
 //! seed, and load and run in llama.cpp (`hypura run`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
 
 use hypura::gguf::synth::{self, SynthArch, SynthConfig, SUPPORTED_TYPES};
 use hypura::gguf::{GgufFile, MetaValue, TensorRole};
 
 /// Runs the real binary; panics with its output unless it succeeds.
 fn hypura(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_hypura"))
-        .args(args)
-        .env_remove("HYPURA_LOG")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("failed to start the hypura binary");
+    let out = common::hypura().args(args).output().expect("failed to start the hypura binary");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -268,10 +264,7 @@ fn invalid_shapes_are_rejected_without_output() {
     ] {
         let mut args = vec!["gen", "--arch", "llama", "--out", out.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let o = Command::new(env!("CARGO_BIN_EXE_hypura"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = common::hypura().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success() && stderr.starts_with("error: invalid synthetic model"),
