@@ -68,11 +68,7 @@ impl BenchConfig {
 }
 
 pub fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Resident => "resident",
-        Mode::Dense => "dense",
-        Mode::Experts => "experts",
-    }
+    m.label()
 }
 
 /// Parses `0,1,2,4,8`: non-negative integers, at least one; sorted, duplicates dropped.

@@ -35,7 +35,7 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let file = GgufFile::open(&args.model)?;
     let mut report = Report::build(&file, args.tensors);
-    report.plan = Some(plan_for_machine(&file, &args.placement)?);
+    report.plan = Some(plan_for_machine(&file, &args.placement, crate::scheduler::default_ctx(&file))?);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = if args.json {
@@ -388,7 +388,7 @@ fn render_tensors(tensors: &[TensorInfo], plan: Option<&Plan>, out: &mut dyn Wri
             .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(" x ");
-        let tier = match plan.map(|p| p.tier(&t.name)) {
+        let tier = match plan.map(|p| p.tier(t)) {
             Some(Tier::Gpu) => "gpu",
             Some(Tier::Nvme) => "nvme",
             Some(Tier::Ram) | None => "ram",

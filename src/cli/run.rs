@@ -11,6 +11,7 @@ use crate::engine::generate::{generate, GenRequest, GenStats};
 use crate::engine::logits::LogitsWriter;
 use crate::engine::sampler::Sampler;
 use crate::engine::{Context, ContextOptions, LoadMode, LoadOptions, Model};
+use crate::engine::device::Device;
 use crate::engine::stream::{StreamMetrics, Streamer};
 use crate::engine::stream_buft::StreamBufferType;
 use crate::gguf::GgufFile;
@@ -68,11 +69,12 @@ pub struct RunArgs {
     /// Print the final statistics as one JSON object on stderr.
     #[arg(long)]
     pub json: bool,
-    /// Layers resident on the GPU (the last ones first, then the output
-    /// layer), or `all`. Needs a GPU backend (see docs/gpu.md); default 0, CPU
-    /// only. Not combined with streaming yet.
-    #[arg(long, value_name = "N|all", default_value = "0", value_parser = parse_gpu_layers)]
-    pub gpu_layers: i32,
+    /// Manual partial offload of a resident model (llama.cpp's
+    /// n_gpu_layers): the last N layers on the GPU, or `all`. By default the
+    /// plan decides (see --gpu-budget); with --mode resident and a model
+    /// larger than the GPU budget, this is how to split it.
+    #[arg(long, value_name = "N|all", value_parser = parse_gpu_layers)]
+    pub gpu_layers: Option<i32>,
 }
 
 /// `--gpu-layers`: a count, or `all` (llama.cpp's -1).
@@ -115,37 +117,59 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gguf = GgufFile::open(&args.model)?;
     tracing::info!(arch = ?gguf.architecture(), tensors = gguf.tensors.len(), "model validated");
 
-    let plan = plan_for_machine(&gguf, &args.placement)?;
-    tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, "plan");
-    if args.gpu_layers != 0 && plan.mode != Mode::Resident {
-        bail!("--gpu-layers needs the model resident (mode {:?}): streaming to the GPU is not supported yet; pass --mode resident or a larger --ram-budget", plan.mode);
+    let n_ctx = args.ctx.unwrap_or_else(|| crate::scheduler::default_ctx(&gguf));
+    if n_ctx == 0 {
+        bail!("--ctx must be at least 1");
     }
+    let plan = plan_for_machine(&gguf, &args.placement, n_ctx)?;
+    tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, gpu = plan.gpu.is_some(), "plan");
+    if args.gpu_layers.is_some() && (plan.mode != Mode::Resident || plan.gpu.is_some()) {
+        bail!(
+            "--gpu-layers is a manual split of a resident model that does not fit the GPU (here the plan is {}{}): drop it, or pass --mode resident --gpu-budget 0",
+            plan.mode.label(),
+            if plan.gpu.is_some() { " with a GPU" } else { "" }
+        );
+    }
+    // The device the GPU plan is for (found again: the plan keeps its name).
+    let gpu_dev = match &plan.gpu {
+        Some(_) => {
+            let dev = Device::find(args.placement.gpu_device.as_deref())?.context("the GPU went away")?;
+            let upload = dev.upload_path(args.placement.gpu_upload)?;
+            Some((dev, upload))
+        }
+        None => None,
+    };
+    let n_gpu_layers = match (&plan.gpu, args.gpu_layers) {
+        (_, Some(n)) => n,
+        (Some(_), None) => -1,
+        (None, None) => 0,
+    };
 
     // Drop order matters: context, then streamer, then model, then buffer type.
     let t_load = Instant::now();
     let io_before = storage_read_bytes();
     let buft = StreamBufferType::new_host()?;
-    let model = load_model(&args, &plan, &buft)?;
-    let mut streamer = match plan.mode {
-        Mode::Resident => None,
-        _ => {
+    let model = load_model(&args, &plan, &buft, n_gpu_layers)?;
+    let streaming = plan.mode != Mode::Resident && !plan.streamed.is_empty();
+    let mut streamer = match streaming {
+        false => None,
+        true => {
             buft.restore_names()?;
             let io = crate::io::IoOptions { backend: args.io_backend, ..crate::io::IoOptions::default() };
             let reader = crate::io::open_reader(&args.model, &io)
                 .with_context(|| format!("{}: cannot open for streaming", args.model.display()))?;
-            Some(Streamer::new(&plan, &buft, reader)?)
+            Some(Streamer::new(&plan, &buft, reader, gpu_dev)?)
         }
     };
     let load_secs = t_load.elapsed().as_secs_f64();
     let load_read_bytes = storage_read_bytes().zip(io_before).map(|(a, b)| a.saturating_sub(b));
 
-    let n_ctx = args.ctx.unwrap_or_else(|| 4096.min(model.n_ctx_train().max(1)));
-    if n_ctx == 0 {
-        bail!("--ctx must be at least 1");
-    }
     let mut copts = ContextOptions { n_ctx, n_batch: args.batch, n_threads: threads as i32, ..ContextOptions::default() };
-    if args.gpu_layers != 0 {
+    if n_gpu_layers != 0 {
         copts.cpu_poll = Some(0);
+        // Weights in host memory must not be copied to the GPU behind the
+        // streaming engine's back (see ContextOptions::op_offload).
+        copts.op_offload = !streaming;
     }
     if let Some(st) = streamer.as_mut() {
         st.hook(&mut copts);
@@ -199,7 +223,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gen_metrics = streamer.as_deref().map(|s| s.metrics().since(&at_prefill));
     let mut report = RunReport::new(&plan, load_secs, threads, &stats, gen_metrics, streamer.as_deref());
     report.load_read_bytes = load_read_bytes;
-    report.gpu_layers = args.gpu_layers;
+    report.gpu_layers = n_gpu_layers;
     if args.json {
         eprintln!("{}", serde_json::to_string(&report)?);
     } else {
@@ -211,16 +235,23 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// Loads the model: resident tensors through llama.cpp, streamed tensors
 /// routed into Hypura's buffer type with their names hidden so the loader
 /// never reads them (only resident bytes are read at start-up).
-fn load_model(args: &RunArgs, plan: &Plan, buft: &StreamBufferType) -> Result<Model> {
-    let overrides: Vec<(String, hypura_sys::ggml_backend_buffer_type_t)> =
+fn load_model(args: &RunArgs, plan: &Plan, buft: &StreamBufferType, n_gpu_layers: i32) -> Result<Model> {
+    let mut overrides: Vec<(String, hypura_sys::ggml_backend_buffer_type_t)> =
         override_patterns(plan).into_iter().map(|p| (p, buft.as_raw())).collect();
+    // The CPU shape with a GPU: resident FFN layers stay in RAM, computed on
+    // the CPU (the rest of their layer is on the GPU).
+    if plan.gpu.is_some() && plan.mode == Mode::Dense && !plan.pinned_layers.is_empty() {
+        let layers: Vec<String> = plan.pinned_layers.iter().map(u32::to_string).collect();
+        overrides.push((format!("^blk\\.(?:{})\\.ffn_(?:gate|up|down)\\.weight$", layers.join("|")), Device::cpu_buft()?));
+    }
     let load_mode = match (plan.mode, args.load_mode) {
+        (Mode::Resident, m) => m,
         // mmap would populate the whole file, streamed tensors included.
-        (Mode::Dense | Mode::Experts, LoadMode::Auto) => LoadMode::Dio,
+        (_, LoadMode::Auto) => LoadMode::Dio,
         (_, m) => m,
     };
     buft.set_hide_names(plan.mode != Mode::Resident);
-    load_with_progress(&args.model, load_mode, !args.no_repack, &overrides, args.gpu_layers)
+    load_with_progress(&args.model, load_mode, !args.no_repack, &overrides, n_gpu_layers)
 }
 
 /// Regexes that route the plan's streamed tensors into the buffer type: one
@@ -281,8 +312,16 @@ pub struct RunReport {
     /// Bytes the process read from storage while loading (`/proc/self/io`),
     /// page-cache hits excluded: about the resident bytes when streaming.
     pub load_read_bytes: Option<u64>,
-    /// `--gpu-layers` (-1: all).
+    /// Layers on the GPU (llama.cpp's n_gpu_layers; -1: all).
     pub gpu_layers: i32,
+    /// The GPU device of the plan, its resident weights and its pool.
+    pub gpu_device: Option<String>,
+    pub gpu_resident_bytes: Option<u64>,
+    pub gpu_pool_bytes: Option<u64>,
+    /// Bytes copied host→device per generated token (staged GPU tier).
+    pub upload_bytes_per_token: Option<f64>,
+    /// Selections served by an expert already in its GPU slot, per token.
+    pub gpu_expert_hits_per_token: Option<f64>,
 }
 
 impl RunReport {
@@ -314,6 +353,11 @@ impl RunReport {
             peak_rss_bytes: peak_rss_bytes(),
             load_read_bytes: None,
             gpu_layers: 0,
+            gpu_device: plan.gpu.as_ref().map(|g| g.device.clone()),
+            gpu_resident_bytes: plan.gpu.as_ref().map(|g| g.resident_bytes),
+            gpu_pool_bytes: plan.gpu.as_ref().map(|g| g.pool_bytes),
+            upload_bytes_per_token: streaming.filter(|_| plan.mode.on_gpu()).map(|m| m.upload_bytes as f64 / per_tok),
+            gpu_expert_hits_per_token: streaming.filter(|_| plan.mode == Mode::GpuExperts).map(|m| m.gpu_hits as f64 / per_tok),
         }
     }
 
@@ -336,6 +380,12 @@ impl RunReport {
         if self.gpu_layers != 0 {
             let n = if self.gpu_layers < 0 { "all".to_string() } else { self.gpu_layers.to_string() };
             s += &format!(" | gpu layers {n}");
+        }
+        if let (Some(d), Some(r), Some(p)) = (&self.gpu_device, self.gpu_resident_bytes, self.gpu_pool_bytes) {
+            s += &format!("\ngpu: {d} | resident {} | pool {}", format_bytes(r), format_bytes(p));
+            if let Some(u) = self.upload_bytes_per_token {
+                s += &format!(" | copied {}/token", format_bytes(u as u64));
+            }
         }
         if let (Some(b), Some(st)) = (self.read_bytes_per_token, self.stall_ms_per_token) {
             s += &format!("\nstreaming: {}/token read, stall {st:.1} ms/token", format_bytes(b as u64));

@@ -29,11 +29,16 @@ pub struct ContextOptions {
     /// layers are on a GPU: spinning workers then only take CPU time from the
     /// thread that drives the GPU.
     pub cpu_poll: Option<u32>,
+    /// ggml's op offload: with a large batch, ops on weights in host memory
+    /// run on the GPU after copying the weights over. The copy happens when a
+    /// split starts, before the eval callback can wait for streamed weights,
+    /// so streaming turns it off.
+    pub op_offload: bool,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut(), abort_callback: None, cpu_poll: None }
+        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut(), abort_callback: None, cpu_poll: None, op_offload: true }
     }
 }
 
@@ -67,6 +72,7 @@ impl<'m> Context<'m> {
         p.abort_callback = opts.abort_callback;
         p.abort_callback_data = opts.eval_user_data;
         p.no_perf = true;
+        p.op_offload = opts.op_offload;
         // SAFETY: model is live for 'm, params fully initialised.
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), p) };
         let ptr = NonNull::new(raw).ok_or_else(|| {

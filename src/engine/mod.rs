@@ -4,6 +4,7 @@
 //! - [`backend`]: one-time llama.cpp initialisation and log routing to tracing.
 //! - [`model`]: loading a model, its vocabulary, tokenisation, chat templates.
 //! - [`context`]: a llama context (KV cache) and decoding.
+//! - [`device`]: ggml devices, device buffers and uploads (the GPU tier).
 //! - [`sampler`]: greedy and temperature sampling.
 //! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
@@ -12,6 +13,7 @@
 
 pub mod backend;
 pub mod context;
+pub mod device;
 pub mod generate;
 pub mod logits;
 pub mod model;

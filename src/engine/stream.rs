@@ -14,11 +14,28 @@
 //!   expert is a contiguous range of its `*_exps` tensor) before the experts'
 //!   matmuls run. Experts stay cached across tokens within the pool budget.
 //!
+//! - GPU tier (`GpuDense`, `GpuExperts`): the streamed tensors' `buffer` is a
+//!   device buffer (so ggml's scheduler runs their ops on the GPU) and their
+//!   `data` points into it. Staged (discrete GPU): dense layers are read into
+//!   pinned host staging slots and an uploader thread copies each finished
+//!   layer into its device slot while the GPU computes; the callback waits
+//!   for the copy, not just the read. Selected experts are read into the RAM
+//!   cache (the arena) and copied into their layer's device slot, which keeps
+//!   them across tokens when the layer has a slot of its own. Direct (Metal,
+//!   APUs, the CPU device): the host pool is wrapped as a device buffer, reads
+//!   land where the device computes, nothing is copied.
+//! - The wait for a streamed layer happens on the callback's ask for the
+//!   layer's first node, which works whatever splits the scheduler made (with
+//!   a GPU, attention and FFN may sit in different splits).
+//!
 //! Everything the hot path needs is allocated in [`Streamer::new`]; the
 //! callback itself never allocates.
 
 use std::ffi::{c_void, CStr};
 use std::ptr::NonNull;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
@@ -29,6 +46,7 @@ use crate::io::{slot_len_for, slot_offset_for, FileId, ReadBackend, ReadRequest,
 use crate::scheduler::{Mode, Plan};
 
 use super::context::EvalCallback;
+use super::device::{Buffer, Device, Upload};
 use super::stream_buft::{ReportedTensor, StreamBufferType};
 
 /// Counters of the streaming engine (totals since start).
@@ -52,6 +70,10 @@ pub struct StreamMetrics {
     pub expert_prefetch_wasted: u64,
     /// Full passes over the layers (one per decode/ubatch).
     pub passes: u64,
+    /// Bytes copied host→device (GPU tier, staged).
+    pub upload_bytes: u64,
+    /// Selected experts already in their GPU slot (no copy, no read).
+    pub gpu_hits: u64,
 }
 
 impl StreamMetrics {
@@ -66,12 +88,16 @@ impl StreamMetrics {
             expert_prefetch_used: self.expert_prefetch_used - earlier.expert_prefetch_used,
             expert_prefetch_wasted: self.expert_prefetch_wasted - earlier.expert_prefetch_wasted,
             passes: self.passes - earlier.passes,
+            upload_bytes: self.upload_bytes - earlier.upload_bytes,
+            gpu_hits: self.gpu_hits - earlier.gpu_hits,
         }
     }
-    /// Cross-token expert cache hit rate in [0, 1].
+    /// Cross-token expert cache hit rate in [0, 1]: selections served
+    /// without a disk read (from the RAM cache or the GPU slot).
     pub fn hit_rate(&self) -> Option<f64> {
-        let n = self.expert_hits + self.expert_misses;
-        (n > 0).then(|| self.expert_hits as f64 / n as f64)
+        let hits = self.expert_hits + self.gpu_hits;
+        let n = hits + self.expert_misses;
+        (n > 0).then(|| hits as f64 / n as f64)
     }
 }
 
@@ -120,12 +146,20 @@ struct DenseTensor {
     size: usize,
     /// Offset of its aligned read inside the slot.
     in_slot: usize,
+    /// Staged GPU tier: offset in the device slot, and the padding after it
+    /// the device's kernels read (kept zero).
+    dev_off: usize,
+    dev_pad: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum LayerState {
     Idle,
     Loading,
+    /// Read; the uploader thread is copying it to the device slot.
+    Uploading,
+    /// In the device slot, tensors not pointed there yet.
+    Uploaded,
     Ready,
 }
 
@@ -143,6 +177,10 @@ struct ExpertTensor {
     expert_bytes: usize,
     /// Where expert 0 starts in memory (same offset mod 4096 as in the file).
     base: *mut u8,
+    tensor: *mut sys::ggml_tensor,
+    /// Staged GPU tier: offset in a device slot, and the padding after it.
+    dev_off: usize,
+    dev_pad: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -166,6 +204,8 @@ struct ExpertLayer {
     coact: Vec<u32>,
     /// Memory one expert of this layer takes (all its tensors, aligned).
     expert_mem: u64,
+    /// Staged GPU tier: the device slot this layer owns for good, if any.
+    dedicated_slot: Option<usize>,
 }
 
 impl ExpertLayer {
@@ -203,10 +243,58 @@ pub struct Streamer {
     /// Recent read-ahead outcomes (decayed): used / wasted.
     spec_recent: (u32, u32),
     tickets_scratch: Vec<Ticket>,
+    /// Selected experts missing from the GPU slot (staged GPU tier).
+    dev_missing: Vec<i32>,
+    // GPU tier.
+    gpu: Option<GpuPool>,
+    /// (streamed dense tensor address, layer), sorted.
+    weight_layer: Vec<(usize, usize)>,
     // State.
     metrics: StreamMetrics,
     error: Option<String>,
 }
+
+/// The streaming engine's device side.
+struct GpuPool {
+    upload: Upload,
+    /// Staged: device slots (then a guard for released dense tensors).
+    /// Direct: the host pool or arena wrapped as a device buffer.
+    buf: Arc<Buffer>,
+    /// Staged: pinned host staging (dense); none when the backend has no
+    /// pinned memory (the plain pool mapping stages then).
+    pinned: Option<Buffer>,
+    dev_slot_bytes: usize,
+    /// Staged dense: where released tensors point (filled with 0xFF: a
+    /// missed wait computes NaNs, never another layer's weights).
+    guard_off: usize,
+    uploader: Option<Uploader>,
+    /// Staged experts: per slot, the owning layer and which experts it holds.
+    slot_owner: Vec<usize>,
+    slot_valid: Vec<Vec<bool>>,
+    /// Staged experts: slots no layer owns for good, used round-robin.
+    shared: Vec<usize>,
+    next_shared: usize,
+}
+
+/// The staged dense path's copy thread: jobs (layer, slot) in, layers out.
+struct Uploader {
+    jobs: Option<SyncSender<(u32, u32)>>,
+    done: Receiver<u32>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        self.jobs.take(); // closes the queue: the thread ends after its job
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One tensor copy of a dense layer: (offset in the host slot of its first
+/// byte, offset in the device slot, bytes, zero padding after it).
+type CopyItem = (usize, usize, usize, usize);
 
 const L_OUT: &[u8] = b"l_out-";
 const TOPK: &[u8] = b"ffn_moe_topk-";
@@ -223,8 +311,9 @@ fn node_layer(name: &[u8], prefix: &[u8]) -> Option<usize> {
 
 impl Streamer {
     /// Takes over the streamed tensors llama.cpp placed in `buft` (after the
-    /// model is loaded and names are restored) and sets up the pool.
-    pub fn new(plan: &Plan, buft: &StreamBufferType, reader: Box<dyn ReadBackend>) -> Result<Box<Streamer>> {
+    /// model is loaded and names are restored) and sets up the pool; `gpu` is
+    /// the device for the GPU modes.
+    pub fn new(plan: &Plan, buft: &StreamBufferType, reader: Box<dyn ReadBackend>, gpu: Option<(Device, Upload)>) -> Result<Box<Streamer>> {
         let reported = buft.reported();
         let find = |name: &str| -> Result<&ReportedTensor> {
             reported
@@ -232,6 +321,12 @@ impl Streamer {
                 .find(|r| r.name == name)
                 .with_context(|| format!("llama.cpp did not place '{name}' in the streaming buffer"))
         };
+        let gpu = match (plan.mode.on_gpu(), gpu) {
+            (true, Some(g)) => Some(g),
+            (true, None) => bail!("mode {} needs a GPU device", plan.mode.label()),
+            (false, _) => None,
+        };
+        let staged = gpu.as_ref().is_some_and(|(_, u)| *u == Upload::Staged);
         let n_layer = plan.streamed.iter().map(|t| t.layer as usize + 1).max().unwrap_or(0);
         let max_tensor = plan.streamed.iter().map(|t| t.size as usize).max().unwrap_or(ALIGN);
         let guard = Mapping::new(max_tensor + ALIGN, nix::sys::mman::ProtFlags::PROT_NONE, true)?;
@@ -259,12 +354,16 @@ impl Streamer {
             scores: Vec::new(),
             spec_recent: (0, 0),
             tickets_scratch: Vec::new(),
+            dev_missing: Vec::new(),
+            gpu: None,
+            weight_layer: Vec::new(),
             metrics: StreamMetrics::default(),
             error: None,
         };
+        let align_dev = |dev: &Device, x: usize| x.next_multiple_of(dev.alignment().max(256));
         match plan.mode {
             Mode::Resident => {}
-            Mode::Dense => {
+            Mode::Dense | Mode::GpuDense => {
                 let mut layers: Vec<Option<DenseLayer>> = (0..n_layer).map(|_| None).collect();
                 for t in &plan.streamed {
                     let r = find(&t.name)?;
@@ -278,7 +377,16 @@ impl Streamer {
                         tickets: Vec::new(),
                     });
                     let in_slot = layer.tensors.iter().map(|d| slot_len_for(d.file_offset, d.size)).sum();
-                    layer.tensors.push(DenseTensor { tensor: r.tensor, zeros: r.data, file_offset: t.file_offset, size: t.size as usize, in_slot });
+                    // Device layout: each tensor at an aligned offset, with
+                    // the room (row padding) the device's kernels expect.
+                    let (dev_off, dev_pad) = match &gpu {
+                        Some((dev, Upload::Staged)) => {
+                            let off = layer.tensors.last().map_or(0, |d: &DenseTensor| align_dev(dev, d.dev_off + d.size + d.dev_pad));
+                            (off, dev.alloc_size(r.tensor).saturating_sub(r.nbytes))
+                        }
+                        _ => (0, 0),
+                    };
+                    layer.tensors.push(DenseTensor { tensor: r.tensor, zeros: r.data, file_offset: t.file_offset, size: t.size as usize, in_slot, dev_off, dev_pad });
                 }
                 for l in layers.iter_mut().flatten() {
                     l.tickets.reserve_exact(l.tensors.len());
@@ -289,13 +397,48 @@ impl Streamer {
                 }
                 let n_slots = (plan.lookahead + 1).min(s.order.len()).max(1);
                 s.slot_bytes = plan.slot_bytes as usize;
-                let pool = Mapping::new(n_slots * s.slot_bytes, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, false)?;
-                let _ = s.reader.register_buffers(&[(pool.base(), pool.len)]);
+                // Host slots: pinned staging memory when staging to a GPU
+                // whose backend has it, else anonymous memory.
+                let pinned = match &gpu {
+                    Some((dev, Upload::Staged)) => dev.host_buft().and_then(|hb| {
+                        Buffer::alloc(hb, n_slots * s.slot_bytes + ALIGN, "pinned staging")
+                            .map_err(|e| tracing::warn!("no pinned staging ({e:#}): staging in pageable memory"))
+                            .ok()
+                    }),
+                    _ => None,
+                };
+                if let Some(p) = &pinned {
+                    let base = p.base().wrapping_add(p.base().align_offset(ALIGN));
+                    let _ = s.reader.register_buffers(&[(base, n_slots * s.slot_bytes)]);
+                } else {
+                    let pool = Mapping::new(n_slots * s.slot_bytes, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, false)?;
+                    let _ = s.reader.register_buffers(&[(pool.base(), pool.len)]);
+                    s.pool = Some(pool);
+                }
                 s.free_slots = (0..n_slots).rev().collect();
-                s.pool = Some(pool);
                 s.dense = layers;
+                if let Some((dev, upload)) = gpu {
+                    s.gpu = Some(match upload {
+                        Upload::Staged => Self::staged_dense_pool(&s, dev, pinned, n_slots, max_tensor)?,
+                        _ => {
+                            let pool = s.pool.as_ref().context("no pool")?;
+                            // SAFETY: the pool mapping lives as long as the streamer (the
+                            // buffer is dropped first: field order of GpuPool inside Streamer).
+                            let buf = unsafe { Buffer::from_host(&dev, pool.base(), pool.len, max_tensor) }?;
+                            Self::pool_of(dev, upload, buf, None, 0)
+                        }
+                    });
+                    let raw = s.gpu.as_ref().map(|g| g.buf.raw()).unwrap_or(std::ptr::null_mut());
+                    for l in s.dense.iter().flatten() {
+                        for t in &l.tensors {
+                            // SAFETY: tensor of the live model: from now on its ops run on
+                            // the device (set before the context builds any graph).
+                            unsafe { (*t.tensor).buffer = raw };
+                        }
+                    }
+                }
             }
-            Mode::Experts => {
+            Mode::Experts | Mode::GpuExperts => {
                 let mut layers: Vec<Option<ExpertLayer>> = (0..n_layer).map(|_| None).collect();
                 // One arena of address space for every expert tensor, each placed
                 // so that memory and file offsets agree mod 4096 (aligned reads
@@ -326,6 +469,7 @@ impl Streamer {
                         last_used: vec![0; n],
                         coact: vec![0; n * n],
                         expert_mem: 0,
+                        dedicated_slot: None,
                     });
                     if layer.n() != n {
                         bail!("layer {}: expert tensors disagree on the expert count", t.layer);
@@ -334,25 +478,172 @@ impl Streamer {
                     let base = unsafe { arena.base().add(start) };
                     let expert_bytes = t.size as usize / n;
                     layer.expert_mem += slot_len_for(0, expert_bytes) as u64;
-                    layer.tensors.push(ExpertTensor { file_offset: t.file_offset, expert_bytes, base });
-                    // SAFETY: the tensor belongs to the loaded model; experts
-                    // now live in the arena (only loaded ones are valid).
-                    unsafe { (*tensor).data = base.cast() };
+                    let (dev_off, dev_pad) = match &gpu {
+                        Some((dev, Upload::Staged)) => {
+                            let off = layer.tensors.last().map_or(0, |d: &ExpertTensor| align_dev(dev, d.dev_off + d.expert_bytes * n + d.dev_pad));
+                            (off, dev.alloc_size(tensor).saturating_sub(t.size as usize))
+                        }
+                        _ => (0, 0),
+                    };
+                    layer.tensors.push(ExpertTensor { file_offset: t.file_offset, expert_bytes, base, tensor, dev_off, dev_pad });
+                    if !staged {
+                        // SAFETY: the tensor belongs to the loaded model; experts
+                        // now live in the arena (only loaded ones are valid).
+                        unsafe { (*tensor).data = base.cast() };
+                    }
                     max_n = max_n.max(n);
                 }
                 for l in layers.iter_mut().flatten() {
                     l.pending = vec![None; l.n() * l.tensors.len()];
                 }
                 s.ids_scratch = Vec::with_capacity(max_n);
+                s.dev_missing = Vec::with_capacity(max_n);
                 s.prev_ids = Vec::with_capacity(max_n);
                 s.scores = Vec::with_capacity(max_n);
                 s.tickets_scratch = Vec::with_capacity(max_n * 4 + 16);
-                s.arena = Some(arena);
                 s.experts = layers;
+                if let Some((dev, upload)) = gpu {
+                    let pool = match upload {
+                        Upload::Staged => Self::staged_expert_pool(&mut s, plan, dev, max_n)?,
+                        _ => {
+                            // SAFETY: the arena lives as long as the streamer.
+                            let buf = unsafe { Buffer::from_host(&dev, arena.base(), arena.len, max_tensor) }?;
+                            Self::pool_of(dev, upload, buf, None, 0)
+                        }
+                    };
+                    let raw = pool.buf.raw();
+                    for l in s.experts.iter().flatten() {
+                        for t in &l.tensors {
+                            // SAFETY: tensor of the live model, set before any graph is built.
+                            unsafe { (*t.tensor).buffer = raw };
+                        }
+                    }
+                    s.gpu = Some(pool);
+                }
+                s.arena = Some(arena);
             }
         }
         s.release_all();
         Ok(Box::new(s))
+    }
+
+    fn pool_of(dev: Device, upload: Upload, buf: Buffer, pinned: Option<Buffer>, dev_slot_bytes: usize) -> GpuPool {
+        let _ = dev;
+        GpuPool {
+            upload,
+            buf: Arc::new(buf),
+            pinned,
+            dev_slot_bytes,
+            guard_off: 0,
+            uploader: None,
+            slot_owner: Vec::new(),
+            slot_valid: Vec::new(),
+            shared: Vec::new(),
+            next_shared: 0,
+        }
+    }
+
+    /// Device slots for dense layers (paired with the host staging slots),
+    /// a 0xFF guard, and the uploader thread.
+    fn staged_dense_pool(s: &Streamer, dev: Device, pinned: Option<Buffer>, n_slots: usize, max_tensor: usize) -> Result<GpuPool> {
+        let align = dev.alignment().max(256);
+        let dev_slot = s
+            .dense
+            .iter()
+            .flatten()
+            .filter_map(|l| l.tensors.last().map(|t| t.dev_off + t.size + t.dev_pad))
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(align);
+        let max_dev_tensor = s.dense.iter().flatten().flat_map(|l| l.tensors.iter().map(|t| t.size + t.dev_pad)).max().unwrap_or(max_tensor);
+        let guard_off = n_slots * dev_slot;
+        let buf = Buffer::alloc(dev.buft(), guard_off + max_dev_tensor, &format!("{} streaming slots", dev.name()))?;
+        buf.clear(0);
+        buf.fill(guard_off, 0xFF, max_dev_tensor);
+        // The copy list of every layer, for the uploader thread.
+        let mut table: Vec<Vec<CopyItem>> = vec![Vec::new(); s.dense.len()];
+        for (i, l) in s.dense.iter().enumerate() {
+            let Some(l) = l else { continue };
+            table[i] = l.tensors.iter().map(|t| (t.in_slot + slot_offset_for(t.file_offset), t.dev_off, t.size, t.dev_pad)).collect();
+        }
+        let host_base = match &pinned {
+            Some(p) => p.base().wrapping_add(p.base().align_offset(ALIGN)) as usize,
+            None => s.pool.as_ref().context("no pool")?.base() as usize,
+        };
+        let mut pool = Self::pool_of(dev, Upload::Staged, buf, pinned, dev_slot);
+        pool.guard_off = guard_off;
+        let (job_tx, job_rx) = sync_channel::<(u32, u32)>(n_slots + 1);
+        let (done_tx, done_rx) = sync_channel::<u32>(n_slots + 1);
+        let dbuf = Arc::clone(&pool.buf);
+        let host_slot = s.slot_bytes;
+        let thread = std::thread::Builder::new()
+            .name("hypura-upload".into())
+            .spawn(move || {
+                while let Ok((layer, slot)) = job_rx.recv() {
+                    let (layer, slot) = (layer as usize, slot as usize);
+                    for &(src, dst, len, pad) in &table[layer] {
+                        let src = host_base + slot * host_slot + src;
+                        // SAFETY: the slot's reads completed before the job was sent, and
+                        // nothing writes the host slot or computes on the device slot
+                        // until this layer's `done` has been received.
+                        unsafe { dbuf.upload(slot * dev_slot + dst, src as *const u8, len) };
+                        dbuf.fill(slot * dev_slot + dst + len, 0, pad);
+                    }
+                    if done_tx.send(layer as u32).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("cannot start the upload thread")?;
+        pool.uploader = Some(Uploader { jobs: Some(job_tx), done: done_rx, thread: Some(thread) });
+        Ok(pool)
+    }
+
+    /// Device slots for expert layers: one per dedicated layer, the rest
+    /// shared round-robin by the other layers.
+    fn staged_expert_pool(s: &mut Streamer, plan: &Plan, dev: Device, max_n: usize) -> Result<GpuPool> {
+        let align = dev.alignment().max(256);
+        let dev_slot = s
+            .experts
+            .iter()
+            .flatten()
+            .filter_map(|l| l.tensors.last().map(|t| t.dev_off + t.expert_bytes * l.n() + t.dev_pad))
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(align);
+        let gp = plan.gpu.as_ref().context("GPU plan")?;
+        let n_layers = s.experts.iter().flatten().count();
+        let n_slots = gp.n_slots.clamp(1, n_layers.max(1));
+        let buf = Buffer::alloc(dev.buft(), n_slots * dev_slot, &format!("{} expert slots", dev.name()))?;
+        buf.clear(0);
+        let mut pool = Self::pool_of(dev, Upload::Staged, buf, None, dev_slot);
+        pool.slot_owner = vec![usize::MAX; n_slots];
+        pool.slot_valid = vec![vec![false; max_n]; n_slots];
+        let mut next = 0usize;
+        for (li, l) in s.experts.iter_mut().enumerate() {
+            let Some(l) = l else { continue };
+            if gp.dedicated_layers.contains(&(li as u32)) && next < n_slots && (n_slots == n_layers || next + 1 < n_slots) {
+                l.dedicated_slot = Some(next);
+                pool.slot_owner[next] = li;
+                for t in &l.tensors {
+                    // SAFETY: inside the device buffer (slot layout above); the tensor
+                    // is the model's, its experts now live in this slot.
+                    unsafe { (*t.tensor).data = pool.buf.base().add(next * dev_slot + t.dev_off).cast() };
+                }
+                next += 1;
+            }
+        }
+        pool.shared = (next..n_slots).collect();
+        if pool.shared.is_empty() && s.experts.iter().flatten().any(|l| l.dedicated_slot.is_none()) {
+            bail!("no shared GPU slot left for the layers without their own");
+        }
+        for l in s.experts.iter().flatten().filter(|l| l.dedicated_slot.is_none()) {
+            for t in &l.tensors {
+                // SAFETY: a valid device address until the layer gets its slot.
+                unsafe { (*t.tensor).data = pool.buf.base().add(pool.shared[0] * dev_slot + t.dev_off).cast() };
+            }
+        }
+        Ok(pool)
     }
 
     /// The callback and user data to put in the context parameters. The
@@ -382,37 +673,73 @@ impl Streamer {
         self.reader.info()
     }
 
-    /// Dense tensors start released: pointing at the guard page, so a missed
-    /// wait faults instead of computing on stale bytes.
+    /// Where released dense tensors point: the host guard (PROT_NONE: a
+    /// missed wait faults instead of computing on stale bytes), or on a
+    /// staged device the 0xFF guard (a missed wait computes NaNs).
+    fn guard_ptr(&self) -> *mut c_void {
+        match &self.gpu {
+            // SAFETY: guard_off + the largest tensor lies inside the buffer.
+            Some(g) if g.upload == Upload::Staged => unsafe { g.buf.base().add(g.guard_off) }.cast(),
+            _ => self.guard.base().cast(),
+        }
+    }
+
+    /// Dense tensors start released.
     fn release_all(&mut self) {
-        let guard = self.guard.base();
+        let guard = self.guard_ptr();
         for l in self.dense.iter_mut().flatten() {
             for t in &l.tensors {
                 // SAFETY: tensor of the live model; the guard outlives it.
-                unsafe { (*t.tensor).data = guard.cast() };
+                unsafe { (*t.tensor).data = guard };
             }
         }
+        // The weights that make a node wait for its layer, sorted for lookup.
+        self.weight_layer = self.dense.iter().enumerate().flat_map(|(i, l)| l.iter().flat_map(move |l| l.tensors.iter().map(move |t| (t.tensor as usize, i)))).collect();
+        self.weight_layer.sort_unstable();
+    }
+
+    /// The streamed layer whose weights node `t` reads, if any.
+    fn layer_of_node(&self, t: *mut sys::ggml_tensor) -> Option<usize> {
+        if self.weight_layer.is_empty() {
+            return None;
+        }
+        // SAFETY: ggml passes a live node; its sources are live or null.
+        let srcs = unsafe { (*t).src };
+        srcs.iter().filter(|p| !p.is_null()).find_map(|&p| {
+            self.weight_layer.binary_search_by_key(&(p as usize), |&(k, _)| k).ok().map(|i| self.weight_layer[i].1)
+        })
     }
 
     fn on_node(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> bool {
         // SAFETY: ggml passes a live node; its name is NUL-terminated.
         let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) }.to_bytes();
-        if let Some(layer) = node_layer(name, L_OUT) {
-            if layer >= self.n_layer || self.mode != Mode::Dense {
-                return false;
-            }
-            if ask {
-                self.note_layer(layer);
-                if let Err(e) = self.ensure_ready(layer) {
-                    self.fail(e);
+        if self.mode.streams_dense() {
+            if let Some(layer) = node_layer(name, L_OUT) {
+                if layer >= self.n_layer {
+                    return false;
                 }
-                return true;
+                if ask {
+                    // Layer N's range ends here: released when it has run.
+                    self.note_layer(layer);
+                    return true;
+                }
+                self.release(layer);
+                self.poll_uploads();
+                self.prefetch_after(layer);
+                return self.error.is_none();
             }
-            self.release(layer);
-            self.prefetch_after(layer);
-            return self.error.is_none();
+            // The first node that reads a streamed weight waits for its layer
+            // (before the range it belongs to runs, whichever split that is).
+            if ask {
+                if let Some(layer) = self.layer_of_node(t) {
+                    if let Err(e) = self.ensure_ready(layer) {
+                        self.fail(e);
+                    }
+                }
+            }
+            return false;
         }
-        if self.mode == Mode::Experts {
+        if self.mode.streams_experts() {
             if let Some(layer) = node_layer(name, TOPK) {
                 if ask {
                     return layer < self.experts.len() && self.experts[layer].is_some();
@@ -443,11 +770,14 @@ impl Streamer {
         if self.error.is_none() {
             self.error = Some(format!("{e:#}"));
         }
+        let staged = self.gpu.as_ref().is_some_and(|g| g.upload == Upload::Staged);
+        let guard = self.guard_ptr();
         for l in self.dense.iter().flatten() {
             for t in &l.tensors {
                 // SAFETY: tensor of the live model; `zeros` is its reserved
-                // buffer range, readable for its whole size.
-                unsafe { (*t.tensor).data = t.zeros };
+                // buffer range, readable for its whole size (on a staged
+                // device: the device guard, as large as any tensor).
+                unsafe { (*t.tensor).data = if staged { guard } else { t.zeros } };
             }
         }
     }
@@ -460,14 +790,14 @@ impl Streamer {
     // ------------------------------------------------------------- dense ---
 
     fn submit_layer(&mut self, layer: usize) -> Result<()> {
+        let host_base = self.host_pool_base()?;
         let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
         if l.state != LayerState::Idle {
             return Ok(());
         }
         let slot = self.free_slots.pop().context("streaming pool exhausted (no free slot)")?;
-        let pool = self.pool.as_ref().context("no pool")?;
-        // SAFETY: slot < n_slots, inside the pool mapping.
-        let slot_base = unsafe { pool.base().add(slot * self.slot_bytes) };
+        // SAFETY: slot < n_slots, inside the host pool.
+        let slot_base = unsafe { host_base.add(slot * self.slot_bytes) };
         l.slot = slot;
         l.tickets.clear();
         for t in &l.tensors {
@@ -492,44 +822,143 @@ impl Streamer {
         Ok(())
     }
 
-    fn ensure_ready(&mut self, layer: usize) -> Result<()> {
-        let Some(state) = self.dense[layer].as_ref().map(|l| l.state) else { return Ok(()) };
-        if state == LayerState::Idle {
-            self.submit_layer(layer)?;
+    /// Start of the host slots: pinned staging, or the pool mapping.
+    fn host_pool_base(&self) -> Result<*mut u8> {
+        if let Some(p) = self.gpu.as_ref().and_then(|g| g.pinned.as_ref()) {
+            return Ok(p.base().wrapping_add(p.base().align_offset(ALIGN)));
         }
-        let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
-        if l.state == LayerState::Loading {
-            let t0 = Instant::now();
-            for &tk in &l.tickets {
-                self.reader.wait(tk).with_context(|| format!("layer {layer}: read failed"))?;
-            }
-            l.tickets.clear();
-            let waited = t0.elapsed().as_nanos() as u64;
-            self.metrics.stall_ns += waited;
-            self.metrics.io_busy_ns += waited;
-            let pool = self.pool.as_ref().context("no pool")?;
-            for t in &l.tensors {
-                // SAFETY: the read into this slot completed; the bytes of the
-                // tensor start at its in-slot offset plus file offset mod 4096.
-                unsafe {
-                    let p = pool.base().add(l.slot * self.slot_bytes + t.in_slot + slot_offset_for(t.file_offset));
-                    (*t.tensor).data = p.cast();
+        Ok(self.pool.as_ref().context("no pool")?.base())
+    }
+
+    /// Brings `layer` to Ready: submits its reads if nobody did, waits for
+    /// them, and on a staged device has it copied and waits for the copy.
+    fn ensure_ready(&mut self, layer: usize) -> Result<()> {
+        let staged = self.gpu.as_ref().is_some_and(|g| g.upload == Upload::Staged);
+        loop {
+            let Some(state) = self.dense[layer].as_ref().map(|l| l.state) else { return Ok(()) };
+            match state {
+                LayerState::Ready => return Ok(()),
+                LayerState::Idle => self.submit_layer(layer)?,
+                LayerState::Loading => {
+                    let t0 = Instant::now();
+                    let l = self.dense[layer].as_mut().context("dense layer")?;
+                    for &tk in &l.tickets {
+                        self.reader.wait(tk).with_context(|| format!("layer {layer}: read failed"))?;
+                    }
+                    l.tickets.clear();
+                    let waited = t0.elapsed().as_nanos() as u64;
+                    self.metrics.stall_ns += waited;
+                    self.metrics.io_busy_ns += waited;
+                    if staged {
+                        self.dispatch_upload(layer)?;
+                        continue;
+                    }
+                    let base = self.host_pool_base()?;
+                    let l = self.dense[layer].as_mut().context("dense layer")?;
+                    for t in &l.tensors {
+                        // SAFETY: the read into this slot completed; the bytes of the
+                        // tensor start at its in-slot offset plus file offset mod 4096.
+                        unsafe {
+                            let p = base.add(l.slot * self.slot_bytes + t.in_slot + slot_offset_for(t.file_offset));
+                            (*t.tensor).data = p.cast();
+                        }
+                    }
+                    l.state = LayerState::Ready;
+                }
+                LayerState::Uploading => {
+                    let t0 = Instant::now();
+                    self.wait_upload(layer)?;
+                    self.metrics.stall_ns += t0.elapsed().as_nanos() as u64;
+                }
+                LayerState::Uploaded => {
+                    let g = self.gpu.as_ref().context("device pool")?;
+                    let l = self.dense[layer].as_mut().context("dense layer")?;
+                    for t in &l.tensors {
+                        // SAFETY: the copy into this device slot completed (done received).
+                        unsafe { (*t.tensor).data = g.buf.base().add(l.slot * g.dev_slot_bytes + t.dev_off).cast() };
+                    }
+                    l.state = LayerState::Ready;
                 }
             }
-            l.state = LayerState::Ready;
         }
+    }
+
+    /// Staged: hands a layer whose reads completed to the uploader thread.
+    fn dispatch_upload(&mut self, layer: usize) -> Result<()> {
+        let l = self.dense[layer].as_mut().context("dense layer")?;
+        debug_assert!(l.tickets.is_empty());
+        let up = self.gpu.as_ref().and_then(|g| g.uploader.as_ref()).context("no uploader")?;
+        // Never blocks: at most n_slots layers are in flight and the queue holds n_slots + 1.
+        up.jobs
+            .as_ref()
+            .context("uploader closed")?
+            .try_send((layer as u32, l.slot as u32))
+            .map_err(|_| anyhow::anyhow!("layer {layer}: the upload queue is full or closed"))?;
+        l.state = LayerState::Uploading;
+        self.metrics.upload_bytes += l.tensors.iter().map(|t| t.size as u64).sum::<u64>();
         Ok(())
     }
 
+    /// Staged: waits until the uploader has copied `layer` (layers it
+    /// finished on the way are marked too).
+    fn wait_upload(&mut self, layer: usize) -> Result<()> {
+        loop {
+            let up = self.gpu.as_ref().and_then(|g| g.uploader.as_ref()).context("no uploader")?;
+            let done = up.done.recv().map_err(|_| anyhow::anyhow!("the upload thread stopped"))? as usize;
+            if let Some(l) = self.dense.get_mut(done).and_then(Option::as_mut) {
+                debug_assert_eq!(l.state, LayerState::Uploading);
+                l.state = LayerState::Uploaded;
+            }
+            if done == layer {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Staged: layers whose reads have completed go to the uploader now, so
+    /// their copy overlaps the GPU's compute of the layers before them.
+    fn poll_uploads(&mut self) {
+        if !self.gpu.as_ref().is_some_and(|g| g.upload == Upload::Staged) {
+            return;
+        }
+        for i in 0..self.order.len() {
+            let layer = self.order[i] as usize;
+            let Some(l) = self.dense[layer].as_mut() else { continue };
+            if l.state != LayerState::Loading {
+                continue;
+            }
+            let mut j = 0;
+            while j < l.tickets.len() {
+                match self.reader.try_wait(l.tickets[j]) {
+                    Ok(Some(_)) => {
+                        l.tickets.swap_remove(j);
+                    }
+                    Ok(None) => j += 1,
+                    Err(e) => {
+                        let e = anyhow::Error::new(e).context(format!("layer {layer}: read failed"));
+                        self.fail(e);
+                        return;
+                    }
+                }
+            }
+            if l.tickets.is_empty() {
+                if let Err(e) = self.dispatch_upload(layer) {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
     fn release(&mut self, layer: usize) {
-        let guard = self.guard.base();
+        let guard = self.guard_ptr();
         let Some(l) = self.dense[layer].as_mut() else { return };
         if l.state != LayerState::Ready {
             return;
         }
         for t in &l.tensors {
             // SAFETY: tensor of the live model; the guard outlives it.
-            unsafe { (*t.tensor).data = guard.cast() };
+            unsafe { (*t.tensor).data = guard };
         }
         l.state = LayerState::Idle;
         debug_assert!(!self.free_slots.contains(&l.slot));
@@ -603,6 +1032,25 @@ impl Streamer {
         let pass = self.metrics.passes;
         self.learn_coactivation(layer);
 
+        // Staged GPU tier: experts already in this layer's device slot need
+        // nothing; the host part below works on the missing ones only.
+        let dev_slot = match self.gpu.as_ref().map(|g| g.upload) {
+            Some(Upload::Staged) => Some(self.gpu_slot_for(layer)?),
+            _ => None,
+        };
+        if let Some(slot) = dev_slot {
+            let g = self.gpu.as_ref().context("device pool")?;
+            self.dev_missing.clear();
+            for &id in &self.ids_scratch {
+                if g.slot_valid[slot][id as usize] {
+                    self.metrics.gpu_hits += 1;
+                } else {
+                    self.dev_missing.push(id);
+                }
+            }
+            std::mem::swap(&mut self.ids_scratch, &mut self.dev_missing);
+        }
+
         // Mark this pass's picks in use (eviction spares them), count hits.
         let el = self.experts[layer].as_mut().context("expert layer")?;
         let mut need = 0u64;
@@ -662,12 +1110,68 @@ impl Streamer {
             }
             debug_assert!(el.pending.iter().all(Option::is_none));
         }
+        if let Some(slot) = dev_slot {
+            self.upload_experts(layer, slot)?;
+            std::mem::swap(&mut self.ids_scratch, &mut self.dev_missing);
+        }
         self.prev_ids.clear();
         self.prev_ids.extend_from_slice(&self.ids_scratch);
         self.prev_layer = layer;
         if self.lookahead > 0 {
             self.speculate(layer + 1, k)?;
         }
+        Ok(())
+    }
+
+    /// Staged GPU tier: the device slot of `layer`: its own, the shared slot
+    /// it already owns, or the next shared slot (forgetting what it held).
+    fn gpu_slot_for(&mut self, layer: usize) -> Result<usize> {
+        let el = self.experts[layer].as_ref().context("expert layer")?;
+        if let Some(s) = el.dedicated_slot {
+            return Ok(s);
+        }
+        let g = self.gpu.as_mut().context("device pool")?;
+        if let Some(&s) = g.shared.iter().find(|&&s| g.slot_owner[s] == layer) {
+            return Ok(s);
+        }
+        if g.shared.is_empty() {
+            bail!("layer {layer}: no GPU slot");
+        }
+        let s = g.shared[g.next_shared % g.shared.len()];
+        g.next_shared += 1;
+        g.slot_owner[s] = layer;
+        g.slot_valid[s].fill(false);
+        let n = el.n();
+        for t in &el.tensors {
+            let off = s * g.dev_slot_bytes + t.dev_off;
+            // Row padding after the tensor reads as zeros whatever the slot held.
+            g.buf.fill(off + t.expert_bytes * n, 0, t.dev_pad);
+            // SAFETY: inside the device buffer (slot layout); the previous
+            // owner's compute has completed (computes are synchronous per range).
+            unsafe { (*t.tensor).data = g.buf.base().add(off).cast() };
+        }
+        Ok(s)
+    }
+
+    /// Staged GPU tier: copies the experts in `ids_scratch` (loaded in the
+    /// RAM cache) into `layer`'s device slot.
+    fn upload_experts(&mut self, layer: usize, slot: usize) -> Result<()> {
+        let t0 = Instant::now();
+        let el = self.experts[layer].as_ref().context("expert layer")?;
+        let g = self.gpu.as_mut().context("device pool")?;
+        for &id in &self.ids_scratch {
+            let e = id as usize;
+            debug_assert_eq!(el.state[e], ExpertState::Loaded);
+            for t in &el.tensors {
+                let dst = slot * g.dev_slot_bytes + t.dev_off + e * t.expert_bytes;
+                // SAFETY: the expert's reads completed (Loaded): its bytes in the
+                // arena are valid; the device range is this layer's, idle.
+                unsafe { g.buf.upload(dst, t.base.add(e * t.expert_bytes), t.expert_bytes) };
+                self.metrics.upload_bytes += t.expert_bytes as u64;
+            }
+            g.slot_valid[slot][e] = true;
+        }
+        self.metrics.stall_ns += t0.elapsed().as_nanos() as u64;
         Ok(())
     }
 
@@ -816,6 +1320,13 @@ impl Streamer {
         l.state[e] = ExpertState::Empty;
         l.speculative[e] = false;
         self.expert_resident = self.expert_resident.saturating_sub(l.expert_mem);
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        // The uploader thread reads the host slots: stop it before they go.
+        self.gpu = None;
     }
 }
 

@@ -51,12 +51,27 @@ pub(crate) fn devices() -> Vec<GpuProfile> {
             sys::GGML_BACKEND_DEVICE_TYPE_ACCEL => "accel",
             _ => "other",
         };
+        // Host→device bandwidth of a GPU: 256 MiB copies (64 MiB when less
+        // than 4 GiB is free), best of 5, from pinned and from pageable memory.
+        let (mut pinned, mut pageable) = (None, None);
+        if kind == "gpu" || kind == "igpu" {
+            let bytes = if free > 4 << 30 { 256 << 20 } else { 64 << 20 };
+            match crate::engine::device::measure_upload(&crate::engine::device::Device::from_raw(dev), bytes, 5) {
+                Ok((p, g)) => {
+                    pinned = p;
+                    pageable = Some(g);
+                }
+                Err(e) => tracing::warn!("{}: cannot measure host-to-device bandwidth: {e:#}", c_string(name)),
+            }
+        }
         out.push(GpuProfile {
             name: c_string(name),
             description: c_string(desc),
             kind: kind.to_string(),
             total_bytes: total as u64,
             free_bytes: free as u64,
+            h2d_pinned_gbps: pinned,
+            h2d_pageable_gbps: pageable,
         });
     }
     out

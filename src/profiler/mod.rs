@@ -120,6 +120,12 @@ pub struct GpuProfile {
     pub kind: String,
     pub total_bytes: u64,
     pub free_bytes: u64,
+    /// Host→device copy bandwidth from pinned host memory (GB/s), GPUs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2d_pinned_gbps: Option<f64>,
+    /// Host→device copy bandwidth from ordinary (pageable) memory (GB/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2d_pageable_gbps: Option<f64>,
 }
 
 /// What to measure and how.

@@ -11,7 +11,7 @@ use super::size::format_bytes;
 
 /// How a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Every tensor in RAM.
     Resident,
@@ -19,6 +19,36 @@ pub enum Mode {
     Dense,
     /// MoE experts stream from disk, only those the router selects.
     Experts,
+    /// Dense FFN layers stream into a pool on the GPU and compute there
+    /// (as many FFN layers as fit stay on the GPU).
+    GpuDense,
+    /// Selected experts stream into per-layer slots on the GPU and compute
+    /// there; host RAM caches experts between the disk and the GPU.
+    GpuExperts,
+}
+
+impl Mode {
+    /// Streamed tensors compute on the GPU (out of a device pool).
+    pub fn on_gpu(self) -> bool {
+        matches!(self, Mode::GpuDense | Mode::GpuExperts)
+    }
+    /// Dense FFN layers stream (on either side).
+    pub fn streams_dense(self) -> bool {
+        matches!(self, Mode::Dense | Mode::GpuDense)
+    }
+    /// Experts stream (on either side).
+    pub fn streams_experts(self) -> bool {
+        matches!(self, Mode::Experts | Mode::GpuExperts)
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Resident => "resident",
+            Mode::Dense => "dense",
+            Mode::Experts => "experts",
+            Mode::GpuDense => "gpu-dense",
+            Mode::GpuExperts => "gpu-experts",
+        }
+    }
 }
 
 /// Where a tensor lives.
@@ -43,6 +73,40 @@ pub struct PlanInput<'a> {
     pub disk_gbps: Option<f64>,
     /// Profiled memory read bandwidth (GB/s), if known.
     pub mem_gbps: Option<f64>,
+    /// The GPU to place on, if any.
+    pub gpu: Option<GpuInput>,
+}
+
+/// What the plan knows about the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuInput {
+    pub device: String,
+    /// Bytes of weights the GPU may hold (resident tensors + device pool).
+    pub budget: u64,
+    /// Host→device copy bandwidth (GB/s), if profiled.
+    pub h2d_gbps: Option<f64>,
+    /// The device computes on host memory (Metal, an APU, the CPU device):
+    /// no upload, the pool is host memory.
+    pub direct: bool,
+}
+
+/// GPU placement.
+#[derive(Clone, Debug, Serialize)]
+pub struct GpuPlan {
+    pub device: String,
+    pub budget: u64,
+    /// Weights resident on the GPU.
+    pub resident_bytes: u64,
+    /// Device pool for streamed tensors (slots and guard), estimated.
+    pub pool_bytes: u64,
+    /// Device slots: dense layers in flight, or expert layers.
+    pub n_slots: usize,
+    /// Experts: layers with a slot of their own (their experts stay cached on
+    /// the GPU across tokens); the others share the remaining slots.
+    pub dedicated_layers: Vec<u32>,
+    /// Host→device bandwidth the estimate used (GB/s).
+    pub h2d_gbps: f64,
+    pub direct: bool,
 }
 
 /// A tensor that streams from disk.
@@ -96,45 +160,134 @@ pub struct Plan {
     pub ceiling_tps: Option<f64>,
     /// Predicted generation speed.
     pub predicted_tps: Option<f64>,
+    /// GPU placement (`None`: CPU only).
+    pub gpu: Option<GpuPlan>,
+}
+
+/// Host→device bandwidth assumed when the profile has none (GB/s): a PCIe
+/// 4.0 x16 link from pageable memory.
+pub const DEFAULT_H2D_GBPS: f64 = 12.0;
+
+/// Device memory a streamed tensor may need beyond its bytes (row padding,
+/// alignment), for estimates; the engine sizes slots exactly.
+const DEVICE_SLACK: u64 = 16 << 10;
+
+/// Model bytes by where they go with a GPU.
+struct Split {
+    /// Token embeddings: llama.cpp keeps the input layer on the CPU.
+    embd: u64,
+    /// Everything else that is not FFN or experts (attention, norms, router,
+    /// shared experts, output; a tied output counts twice: llama.cpp copies it).
+    base_gpu: u64,
+}
+
+fn split(g: &GgufFile) -> Split {
+    let embd: u64 = g.tensors.iter().filter(|t| t.role == TensorRole::TokenEmbedding).map(|t| t.size).sum();
+    let tied = !g.tensors.iter().any(|t| t.role == TensorRole::Output);
+    let rest: u64 = g
+        .tensors
+        .iter()
+        .filter(|t| t.role != TensorRole::TokenEmbedding && !t.role.is_dense_ffn() && !t.role.is_experts())
+        .map(|t| t.size)
+        .sum();
+    Split { embd, base_gpu: rest + if tied { embd } else { 0 } }
 }
 
 impl Plan {
     /// The tier of a tensor by name.
-    pub fn tier(&self, name: &str) -> Tier {
-        if self.streamed.iter().any(|t| t.name == name) { Tier::Nvme } else { Tier::Ram }
+    pub fn tier(&self, t: &TensorInfo) -> Tier {
+        if self.streamed.iter().any(|s| s.name == t.name) {
+            return Tier::Nvme;
+        }
+        if self.gpu.is_none() || t.role == TensorRole::TokenEmbedding {
+            return Tier::Ram;
+        }
+        let ffn = t.role.is_dense_ffn() || t.role.is_experts();
+        match self.mode {
+            // The CPU shape: FFN/experts resident in RAM, computed on the CPU.
+            Mode::Dense | Mode::Experts if ffn => Tier::Ram,
+            _ => Tier::Gpu,
+        }
     }
 
-    /// Builds the plan.
+    /// Whether dense FFN layer `l` is computed on the CPU from RAM (the
+    /// pinned layers of the CPU shape when a GPU holds the rest).
+    pub fn ffn_on_cpu(&self, l: u32) -> bool {
+        self.gpu.is_some() && self.mode == Mode::Dense && self.pinned_layers.contains(&l)
+    }
+
+    /// Builds the plan. Without a GPU: resident if the model fits the RAM
+    /// budget, else stream dense FFN layers or experts. With a GPU: resident
+    /// on it if the model fits its budget, else the better (by the estimate)
+    /// of streaming into the GPU's memory and the CPU shape (attention on the
+    /// GPU, FFN or experts on the CPU from RAM and disk).
     pub fn new(input: &PlanInput<'_>) -> Result<Plan> {
         let g = input.gguf;
         let model_bytes: u64 = g.tensors.iter().map(|t| t.size).sum();
         let has_experts = g.tensors.iter().any(|t| t.role.is_experts());
         let has_dense_ffn = g.tensors.iter().any(|t| t.role.is_dense_ffn());
-        let mode = match input.mode {
-            Some(m) => m,
-            None if model_bytes <= input.ram_budget => Mode::Resident,
-            None if has_experts => Mode::Experts,
-            None => Mode::Dense,
+        if let Some(m) = input.mode {
+            if m.on_gpu() && input.gpu.is_none() {
+                bail!("--mode {}: no GPU to stream to (none found, or --gpu-budget 0)", m.label());
+            }
+            if m.streams_dense() && !has_dense_ffn {
+                bail!("--mode {}: this model has no dense FFN tensors to stream (try --mode experts)", m.label());
+            }
+            if m.streams_experts() && !has_experts {
+                bail!("--mode {}: this model has no MoE expert tensors (try --mode dense)", m.label());
+            }
+            return Self::build(input, m, model_bytes);
+        }
+        if let Some(gpu) = &input.gpu {
+            let sp = split(g);
+            if sp.base_gpu + model_bytes - sp.embd <= gpu.budget && sp.embd <= input.ram_budget {
+                return Self::build(input, Mode::Resident, model_bytes);
+            }
+            let (a, b) = if has_experts { (Mode::GpuExperts, Mode::Experts) } else { (Mode::GpuDense, Mode::Dense) };
+            return match (Self::build(input, a, model_bytes), Self::build(input, b, model_bytes)) {
+                (Ok(pa), Ok(pb)) => Ok(if pb.predicted_tps.unwrap_or(0.0) > pa.predicted_tps.unwrap_or(0.0) { pb } else { pa }),
+                (Ok(p), Err(_)) | (Err(_), Ok(p)) => Ok(p),
+                (Err(e), Err(_)) => Err(e),
+            };
+        }
+        let mode = if model_bytes <= input.ram_budget {
+            Mode::Resident
+        } else if has_experts {
+            Mode::Experts
+        } else {
+            Mode::Dense
         };
+        Self::build(input, mode, model_bytes)
+    }
+
+    fn build(input: &PlanInput<'_>, mode: Mode, model_bytes: u64) -> Result<Plan> {
         match mode {
-            Mode::Resident => Ok(Self::resident(input, model_bytes)),
-            Mode::Dense => {
-                if !has_dense_ffn {
-                    bail!("--mode dense: this model has no dense FFN tensors to stream (try --mode experts)");
-                }
-                Self::dense(input, model_bytes)
-            }
-            Mode::Experts => {
-                if !has_experts {
-                    bail!("--mode experts: this model has no MoE expert tensors (try --mode dense)");
-                }
-                Self::experts(input, model_bytes)
-            }
+            Mode::Resident => Self::resident(input, model_bytes),
+            Mode::Dense | Mode::GpuDense => Self::dense(input, model_bytes, mode),
+            Mode::Experts | Mode::GpuExperts => Self::experts(input, model_bytes, mode),
         }
     }
 
-    fn resident(input: &PlanInput<'_>, model_bytes: u64) -> Plan {
-        Plan {
+    fn gpu_plan(gpu: &GpuInput, resident: u64) -> GpuPlan {
+        GpuPlan {
+            device: gpu.device.clone(),
+            budget: gpu.budget,
+            resident_bytes: resident,
+            pool_bytes: 0,
+            n_slots: 0,
+            dedicated_layers: Vec::new(),
+            h2d_gbps: gpu.h2d_gbps.unwrap_or(DEFAULT_H2D_GBPS),
+            direct: gpu.direct,
+        }
+    }
+
+    fn resident(input: &PlanInput<'_>, model_bytes: u64) -> Result<Plan> {
+        let sp = split(input.gguf);
+        // With a GPU, resident means resident on it (when it fits); a model
+        // that fits only RAM runs on the CPU (or with --gpu-layers N).
+        let gpu = input.gpu.as_ref().filter(|g| sp.base_gpu + model_bytes - sp.embd <= g.budget);
+        let gpu_plan = gpu.map(|g| Self::gpu_plan(g, sp.base_gpu + model_bytes - sp.embd));
+        Ok(Plan {
             mode: Mode::Resident,
             ram_budget: input.ram_budget,
             model_bytes,
@@ -148,46 +301,92 @@ impl Plan {
             pool_bytes: 0,
             bytes_per_token: 0,
             ceiling_tps: None,
-            predicted_tps: input.mem_gbps.map(|m| m * 1e9 / model_bytes.max(1) as f64),
-        }
+            predicted_tps: if gpu_plan.is_some() { None } else { input.mem_gbps.map(|m| m * 1e9 / model_bytes.max(1) as f64) },
+            gpu: gpu_plan,
+        })
     }
 
-    fn dense(input: &PlanInput<'_>, model_bytes: u64) -> Result<Plan> {
+    /// Dense FFN streaming. `Dense`: FFN layers pinned in RAM or streamed
+    /// through a host pool, computed on the CPU (with a GPU, the rest of each
+    /// layer is on it). `GpuDense`: FFN layers pinned on the GPU, the rest
+    /// streamed through device slots.
+    fn dense(input: &PlanInput<'_>, model_bytes: u64, mode: Mode) -> Result<Plan> {
         let g = input.gguf;
         let n_layer = g.tensors.iter().filter_map(|t| t.layer).max().map_or(0, |l| l + 1) as usize;
-        // Per layer: FFN bytes and the slot size its aligned reads need.
+        // Per layer: FFN bytes, the host slot its aligned reads need, and the
+        // device slot it needs.
         let mut ffn = vec![0u64; n_layer];
         let mut slot = vec![0u64; n_layer];
+        let mut dslot = vec![0u64; n_layer];
+        let mut max_tensor = 0u64;
         for t in g.tensors.iter().filter(|t| t.role.is_dense_ffn()) {
             let Some(l) = t.layer else { continue };
             ffn[l as usize] += t.size;
             slot[l as usize] += slot_len_for(t.offset, t.size as usize) as u64;
+            dslot[l as usize] += t.size + DEVICE_SLACK;
+            max_tensor = max_tensor.max(t.size + DEVICE_SLACK);
         }
         let ffn_layers: Vec<u32> = (0..n_layer as u32).filter(|&l| ffn[l as usize] > 0).collect();
-        let base = model_bytes - ffn.iter().sum::<u64>();
         let slot_bytes = ffn_layers.iter().map(|&l| slot[l as usize]).max().unwrap_or(0);
+        let dslot_bytes = ffn_layers.iter().map(|&l| dslot[l as usize]).max().unwrap_or(0);
+        let sp = split(g);
+        let gpu = input.gpu.as_ref();
+        // RAM and GPU needs of what is not FFN.
+        let (ram_base, gpu_base) = match gpu {
+            Some(_) => (sp.embd, sp.base_gpu),
+            None => (model_bytes - ffn.iter().sum::<u64>(), 0),
+        };
+        if let Some(gi) = gpu {
+            if gpu_base > gi.budget {
+                bail!(
+                    "GPU budget {} is too small: attention, norms and output need {} on the GPU (try --gpu-budget, or --gpu-budget 0 for the CPU)",
+                    format_bytes(gi.budget),
+                    format_bytes(gpu_base)
+                );
+            }
+        }
+        let on_gpu = mode == Mode::GpuDense;
+        let direct = gpu.is_some_and(|g| g.direct);
+        // Where the pool lives: device slots (+ a guard the size of the
+        // largest tensor) on the GPU, and host staging slots in RAM (none
+        // when the device computes on host memory: the slots are that memory).
+        let gpu_pool = |n_slots: u64| if on_gpu { n_slots * if direct { slot_bytes } else { dslot_bytes } + if direct { 0 } else { max_tensor } } else { 0 };
+        let ram_pool = |n_slots: u64| if on_gpu && direct { 0 } else { n_slots * slot_bytes };
+        let gpu_left = gpu.map_or(0, |g| g.budget - gpu_base);
 
-        let mut lookahead = input.lookahead.unwrap_or_else(|| adaptive_lookahead(input, &ffn, model_bytes, n_layer));
-        let min_need = base + slot_bytes;
-        if input.ram_budget < min_need {
+        let default_l = if on_gpu { 3 } else { adaptive_lookahead(input, &ffn, model_bytes, n_layer) };
+        let mut lookahead = input.lookahead.unwrap_or(default_l);
+        let fits = |l: usize| {
+            let n = l as u64 + 1;
+            ram_base + ram_pool(n) <= input.ram_budget && gpu_pool(n) <= gpu_left
+        };
+        if !fits(0) {
+            if on_gpu && gpu_pool(1) > gpu_left {
+                bail!(
+                    "GPU budget {} is too small to stream: the GPU needs {} resident and {} for one streamed layer",
+                    format_bytes(gpu.map_or(0, |g| g.budget)),
+                    format_bytes(gpu_base),
+                    format_bytes(gpu_pool(1))
+                );
+            }
+            let what = if gpu.is_some() { "its token embeddings" } else { "its non-FFN tensors" };
             bail!(
-                "RAM budget {} is too small for this model: its non-FFN tensors need {} and one streamed layer {} (at least {} in all)",
+                "RAM budget {} is too small for this model: {what} need {} and one streamed layer {} (at least {} in all)",
                 format_bytes(input.ram_budget),
-                format_bytes(base),
-                format_bytes(slot_bytes),
-                format_bytes(min_need)
+                format_bytes(ram_base),
+                format_bytes(ram_pool(1)),
+                format_bytes(ram_base + ram_pool(1))
             );
         }
         // Lookahead costs pool memory; with an adaptive depth shrink it to fit.
-        let fits = |l: usize| base + (l as u64 + 1) * slot_bytes <= input.ram_budget;
         if !fits(lookahead) {
             if input.lookahead.is_some() {
                 bail!(
-                    "RAM budget {} cannot hold lookahead {lookahead}: {} resident + {} × {} pool",
-                    format_bytes(input.ram_budget),
-                    format_bytes(base),
+                    "the budget cannot hold lookahead {lookahead}: {} slots of {} (RAM budget {}, GPU budget {})",
                     lookahead + 1,
-                    format_bytes(slot_bytes)
+                    format_bytes(if on_gpu { dslot_bytes } else { slot_bytes }),
+                    format_bytes(input.ram_budget),
+                    format_bytes(gpu.map_or(0, |g| g.budget))
                 );
             }
             while lookahead > 0 && !fits(lookahead) {
@@ -195,16 +394,23 @@ impl Plan {
             }
         }
 
-        // Pin as many layers as the rest of the budget holds, spread evenly so
-        // that the disk keeps reading while pinned layers compute.
+        // Pin as many layers as the rest of the budget holds (on the GPU for
+        // GpuDense, in RAM otherwise), spread evenly so that the disk keeps
+        // reading while pinned layers compute. With a GPU every layer may be
+        // pinned (nothing streams); without one, the model did not fit RAM.
         let n_slots_max = (lookahead + 1) as u64;
         let mut m = ffn_layers.len();
         let pinned = loop {
             let cand = spread(&ffn_layers, m);
             let n_streamed = (ffn_layers.len() - cand.len()) as u64;
-            let pool = n_slots_max.min(n_streamed) * slot_bytes;
+            let n = n_slots_max.min(n_streamed);
             let pinned_bytes: u64 = cand.iter().map(|&l| ffn[l as usize]).sum();
-            if n_streamed > 0 && base + pinned_bytes + pool <= input.ram_budget {
+            let ok = if on_gpu {
+                gpu_base + pinned_bytes + gpu_pool(n) <= gpu.map_or(0, |g| g.budget) && ram_base + ram_pool(n) <= input.ram_budget
+            } else {
+                ram_base + pinned_bytes + ram_pool(n) <= input.ram_budget
+            };
+            if ok && (n_streamed > 0 || gpu.is_some()) {
                 break cand;
             }
             if m == 0 {
@@ -221,9 +427,17 @@ impl Plan {
             .map(StreamedTensor::from_info)
             .collect();
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
-        let pool_bytes = n_slots as u64 * slot_bytes;
+        let pinned_bytes: u64 = pinned.iter().map(|&l| ffn[l as usize]).sum();
+        let gpu_plan = gpu.map(|gi| {
+            let mut gp = Self::gpu_plan(gi, gpu_base + if on_gpu { pinned_bytes } else { 0 });
+            if on_gpu && n_slots > 0 {
+                gp.pool_bytes = gpu_pool(n_slots as u64);
+                gp.n_slots = n_slots;
+            }
+            gp
+        });
         let mut plan = Plan {
-            mode: Mode::Dense,
+            mode,
             ram_budget: input.ram_budget,
             model_bytes,
             resident_bytes: model_bytes - streamed_bytes,
@@ -233,16 +447,21 @@ impl Plan {
             streamed_layers,
             lookahead,
             slot_bytes,
-            pool_bytes,
+            pool_bytes: ram_pool(n_slots as u64),
             bytes_per_token: streamed_bytes,
             ceiling_tps: None,
             predicted_tps: None,
+            gpu: gpu_plan,
         };
-        plan.estimate(input, model_bytes);
+        plan.estimate(input, model_bytes, &ffn);
         Ok(plan)
     }
 
-    fn experts(input: &PlanInput<'_>, model_bytes: u64) -> Result<Plan> {
+    /// Expert streaming. `Experts`: experts computed on the CPU from a RAM
+    /// cache filled from disk (with a GPU, attention is on it: llama.cpp's
+    /// `--n-cpu-moe` shape). `GpuExperts`: selected experts are copied from
+    /// the RAM cache (filled from disk) into per-layer slots on the GPU.
+    fn experts(input: &PlanInput<'_>, model_bytes: u64, mode: Mode) -> Result<Plan> {
         let g = input.gguf;
         let params = g.arch_params();
         let streamed: Vec<StreamedTensor> = g
@@ -252,7 +471,22 @@ impl Plan {
             .map(StreamedTensor::from_info)
             .collect();
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
-        let base = model_bytes - streamed_bytes;
+        let sp = split(g);
+        let gpu = input.gpu.as_ref();
+        let (ram_base, gpu_base) = match gpu {
+            // Dense FFN layers of a MoE (if any) stay with the rest on the GPU.
+            Some(_) => (sp.embd, sp.base_gpu + g.tensors.iter().filter(|t| t.role.is_dense_ffn()).map(|t| t.size).sum::<u64>()),
+            None => (model_bytes - streamed_bytes, 0),
+        };
+        if let Some(gi) = gpu {
+            if gpu_base > gi.budget {
+                bail!(
+                    "GPU budget {} is too small: attention, norms, router and output need {} on the GPU (try --gpu-budget, or --gpu-budget 0 for the CPU)",
+                    format_bytes(gi.budget),
+                    format_bytes(gpu_base)
+                );
+            }
+        }
         let mut layers: Vec<u32> = streamed.iter().map(|t| t.layer).collect();
         layers.dedup();
         let k = params.n_expert_used.unwrap_or(1).max(1) as u64;
@@ -266,24 +500,46 @@ impl Plan {
         };
         let max_layer_expert = layers.iter().map(|&l| layer_expert_bytes(l)).max().unwrap_or(0);
         let lookahead = input.lookahead.unwrap_or(1);
-        // The pool must hold one layer's selected experts plus the prefetched
-        // layers'; everything else of the budget is expert cache.
+        // The RAM pool must hold one layer's selected experts plus the
+        // prefetched layers'; everything else of the budget is expert cache.
         let min_pool = k * max_layer_expert * (lookahead as u64 + 1);
-        if input.ram_budget < base + min_pool {
+        if input.ram_budget < ram_base + min_pool {
             bail!(
                 "RAM budget {} is too small for this model: its non-expert tensors need {} and the expert pool at least {}",
                 format_bytes(input.ram_budget),
-                format_bytes(base),
+                format_bytes(ram_base),
                 format_bytes(min_pool)
             );
         }
-        let pool_bytes = (input.ram_budget - base).min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);
+        let pool_bytes = (input.ram_budget - ram_base).min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);
         let per_token: u64 = layers.iter().map(|&l| k * layer_expert_bytes(l)).sum();
+        let mut gpu_plan = gpu.map(|gi| Self::gpu_plan(gi, gpu_base));
+        if let (Some(gp), Mode::GpuExperts) = (gpu_plan.as_mut(), mode) {
+            // A device slot holds every expert tensor of one layer (only the
+            // selected experts are ever copied in).
+            let layer_slot = |l: u32| -> u64 { streamed.iter().filter(|t| t.layer == l).map(|t| t.size + DEVICE_SLACK).sum() };
+            let dslot = layers.iter().map(|&l| layer_slot(l)).max().unwrap_or(0);
+            let left = gp.budget - gpu_base;
+            let n_fit = if dslot == 0 { 0 } else { (left / dslot) as usize };
+            if n_fit == 0 {
+                bail!(
+                    "GPU budget {} is too small to stream experts: {} resident and {} for one layer's expert slot",
+                    format_bytes(gp.budget),
+                    format_bytes(gpu_base),
+                    format_bytes(dslot)
+                );
+            }
+            // Every layer its own slot if they fit; else all but one slot
+            // dedicated (spread evenly) and one shared by the other layers.
+            gp.dedicated_layers = if n_fit >= layers.len() { layers.clone() } else { spread(&layers, n_fit - 1) };
+            gp.n_slots = n_fit.min(layers.len());
+            gp.pool_bytes = gp.n_slots as u64 * dslot;
+        }
         let mut plan = Plan {
-            mode: Mode::Experts,
+            mode,
             ram_budget: input.ram_budget,
             model_bytes,
-            resident_bytes: base,
+            resident_bytes: model_bytes - streamed_bytes,
             streamed_bytes,
             streamed,
             pinned_layers: Vec::new(),
@@ -294,28 +550,64 @@ impl Plan {
             bytes_per_token: per_token,
             ceiling_tps: None,
             predicted_tps: None,
+            gpu: gpu_plan,
         };
-        plan.estimate(input, model_bytes);
+        plan.estimate(input, model_bytes, &[]);
         Ok(plan)
     }
 
-    /// Fills the ceiling (disk ÷ bytes per token) and the prediction: with
-    /// lookahead the read of one layer overlaps the compute of others, so a
-    /// token costs max(read time, compute time), plus a stall per token that
-    /// lookahead 0 cannot hide.
-    fn estimate(&mut self, input: &PlanInput<'_>, model_bytes: u64) {
+    /// Fills the ceiling and the prediction.
+    ///
+    /// - Ceiling: the slowest link the streamed bytes cross ÷ bytes per
+    ///   token: the disk; for a discrete GPU min(disk, host→device).
+    /// - CPU dense: reads overlap compute with lookahead ≥ 1, so a token
+    ///   costs max(read, compute), compute = the bytes the CPU computes on ÷
+    ///   memory bandwidth (with a GPU only the FFN layers; the GPU's part is
+    ///   taken as free next to them).
+    /// - GPU dense: max(disk, upload) time of the streamed bytes; the GPU's
+    ///   compute is taken as free.
+    /// - Experts cannot be read before the router picks them: read and
+    ///   compute add up. The RAM cache holds a fraction `c` of the experts,
+    ///   taken as the fraction of selections it serves (uniform routing,
+    ///   a floor: real routing is skewed); GPU-dedicated layers keep their
+    ///   experts on the GPU the same way.
+    fn estimate(&mut self, input: &PlanInput<'_>, model_bytes: u64, ffn: &[u64]) {
         let Some(disk) = input.disk_gbps.filter(|d| *d > 0.0) else { return };
-        let read_s = self.bytes_per_token as f64 / (disk * 1e9);
-        self.ceiling_tps = (read_s > 0.0).then(|| 1.0 / read_s);
-        let compute_bytes = match self.mode {
-            Mode::Experts => self.resident_bytes as f64 + self.bytes_per_token as f64,
-            _ => model_bytes as f64,
+        let disk = disk * 1e9;
+        let mem = input.mem_gbps.filter(|m| *m > 0.0).map(|m| m * 1e9);
+        let h2d = self.gpu.as_ref().filter(|g| !g.direct).map(|g| g.h2d_gbps * 1e9);
+        let link = h2d.map_or(disk, |h| disk.min(h));
+        let per_tok = self.bytes_per_token as f64;
+        self.ceiling_tps = (per_tok > 0.0).then(|| link / per_tok);
+        let cpu = |bytes: f64| mem.map_or(0.0, |m| bytes / m);
+        let token_s = match self.mode {
+            Mode::Resident => return,
+            Mode::Dense => {
+                let cpu_bytes = if self.gpu.is_some() { ffn.iter().sum::<u64>() as f64 } else { model_bytes as f64 };
+                let read = per_tok / disk;
+                if self.lookahead > 0 { read.max(cpu(cpu_bytes)) } else { read + cpu(cpu_bytes) }
+            }
+            Mode::GpuDense => {
+                let up = h2d.map_or(0.0, |h| per_tok / h);
+                let read = per_tok / disk;
+                if self.lookahead > 0 { read.max(up) } else { read + up }
+            }
+            Mode::Experts | Mode::GpuExperts => {
+                let c = (self.pool_bytes as f64 / self.streamed_bytes.max(1) as f64).min(1.0);
+                let from_disk = per_tok * (1.0 - c) / disk;
+                if self.mode == Mode::Experts {
+                    let base = if self.gpu.is_some() { 0.0 } else { self.resident_bytes as f64 };
+                    from_disk + cpu(base + per_tok)
+                } else {
+                    let n = self.streamed_layers.len().max(1) as f64;
+                    let v = self.gpu.as_ref().map_or(0.0, |g| g.dedicated_layers.len() as f64 / n);
+                    // Dedicated layers keep what they loaded: uniform routing
+                    // over a warm cache serves about the RAM-cache fraction too.
+                    let miss = 1.0 - v * c.max(0.0);
+                    miss * (from_disk + h2d.map_or(0.0, |h| per_tok / h))
+                }
+            }
         };
-        let compute_s = input.mem_gbps.filter(|m| *m > 0.0).map_or(0.0, |m| compute_bytes / (m * 1e9));
-        // Dense layers are read ahead, so reads overlap compute when L ≥ 1.
-        // Experts cannot be read before the router picks them: serial.
-        let overlap = self.lookahead > 0 && self.mode == Mode::Dense;
-        let token_s = if overlap { read_s.max(compute_s) } else { read_s + compute_s };
         self.predicted_tps = (token_s > 0.0).then(|| 1.0 / token_s);
     }
 }
