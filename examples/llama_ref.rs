@@ -4,7 +4,12 @@
 //!
 //! ```text
 //! llama_ref MODEL PROMPT [--n N] [--ngl N|-1] [--ctx N] [--batch N] [--threads N]
-//!           [--check HYPURA.logits]
+//!           [--check HYPURA.logits] [--n-cpu-moe N]
+//!
+//! `--n-cpu-moe N` keeps the routed experts of the first N layers in CPU
+//! memory, computed there (llama.cpp's `--n-cpu-moe`: a `tensor_buft_overrides`
+//! regex to the CPU buffer type), the layout llama.cpp users run a MoE larger
+//! than the GPU with.
 //! ```
 //!
 //! Context parameters are llama.cpp's defaults except those `hypura run`
@@ -62,6 +67,7 @@ fn main() {
     let mut n_batch = 512u32;
     let mut threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32;
     let mut check: Option<String> = None;
+    let mut n_cpu_moe = 0usize;
     let mut i = 3;
     while i + 1 < args.len() {
         let v = &args[i + 1];
@@ -72,6 +78,7 @@ fn main() {
             "--batch" => n_batch = v.parse().unwrap(),
             "--threads" => threads = v.parse().unwrap(),
             "--check" => check = Some(v.clone()),
+            "--n-cpu-moe" => n_cpu_moe = v.parse().unwrap(),
             o => panic!("unknown option {o}"),
         }
         i += 2;
@@ -93,6 +100,19 @@ fn main() {
         let t_load = Instant::now();
         let mut mp = sys::llama_model_default_params();
         mp.n_gpu_layers = ngl;
+        // llama.cpp's --n-cpu-moe: blk.<i>.ffn_(up|down|gate|gate_up)_exps of
+        // the first N layers in the CPU buffer type.
+        let patterns: Vec<CString> = (0..n_cpu_moe)
+            .map(|i| CString::new(format!("blk\\.{i}\\.ffn_(up|down|gate|gate_up)_exps")).unwrap())
+            .collect();
+        let cpu_dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
+        let cpu_buft = sys::ggml_backend_dev_buffer_type(cpu_dev);
+        let mut overrides: Vec<sys::llama_model_tensor_buft_override> =
+            patterns.iter().map(|p| sys::llama_model_tensor_buft_override { pattern: p.as_ptr(), buft: cpu_buft }).collect();
+        overrides.push(sys::llama_model_tensor_buft_override { pattern: std::ptr::null(), buft: std::ptr::null_mut() });
+        if n_cpu_moe > 0 {
+            mp.tensor_buft_overrides = overrides.as_ptr();
+        }
         let cpath = CString::new(model_path.as_str()).unwrap();
         let model = sys::llama_model_load_from_file(cpath.as_ptr(), mp);
         assert!(!model.is_null(), "could not load {model_path}");

@@ -358,17 +358,41 @@ fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 
 fn render_plan(p: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "\nplacement plan (RAM budget {})", human_bytes(p.ram_budget))?;
-    writeln!(out, "  mode            {:?}", p.mode)?;
-    writeln!(out, "  resident (RAM)  {}", human_bytes(p.resident_bytes))?;
+    writeln!(out, "  mode            {}", p.mode.label())?;
+    if let Some(g) = &p.gpu {
+        writeln!(out, "  gpu             {} (budget {}{})", g.device, human_bytes(g.budget), if g.direct { ", computes on host memory" } else { "" })?;
+        writeln!(out, "  resident (GPU)  {}", human_bytes(g.resident_bytes))?;
+        if g.n_slots > 0 {
+            let what = if p.mode == Mode::GpuExperts {
+                format!("{} layer slots, {} of them dedicated", g.n_slots, g.dedicated_layers.len())
+            } else {
+                format!("{} layer slots", g.n_slots)
+            };
+            writeln!(out, "  pool (GPU)      {} ({what})", human_bytes(g.pool_bytes))?;
+        }
+    }
+    let ram_resident = match &p.gpu {
+        Some(g) => p.resident_bytes.saturating_sub(g.resident_bytes),
+        None => p.resident_bytes,
+    };
+    writeln!(out, "  resident (RAM)  {}", human_bytes(ram_resident))?;
     writeln!(out, "  streamed (NVMe) {} in {} tensors", human_bytes(p.streamed_bytes), p.streamed.len())?;
     if p.mode != Mode::Resident {
-        writeln!(out, "  layers          {} pinned, {} streamed", p.pinned_layers.len(), p.streamed_layers.len())?;
-        writeln!(out, "  pool            {} (lookahead {})", human_bytes(p.pool_bytes), p.lookahead)?;
+        let pinned_on = match (&p.gpu, p.mode) {
+            (Some(_), Mode::GpuDense) => " on the GPU",
+            (Some(_), Mode::Dense) => " in RAM (CPU)",
+            _ => "",
+        };
+        writeln!(out, "  layers          {} pinned{pinned_on}, {} streamed", p.pinned_layers.len(), p.streamed_layers.len())?;
+        let pool = if p.mode == Mode::GpuExperts { "expert cache (RAM)" } else { "pool (RAM)" };
+        writeln!(out, "  {pool:<15} {} (lookahead {})", human_bytes(p.pool_bytes), p.lookahead)?;
         writeln!(out, "  read per token  {}", human_bytes(p.bytes_per_token))?;
     }
+    let link = if p.gpu.as_ref().is_some_and(|g| !g.direct) && p.mode.on_gpu() { "min(disk, host->GPU) ceiling" } else { "disk ceiling" };
     match (p.ceiling_tps, p.predicted_tps) {
-        (Some(c), Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s (disk ceiling {c:.2} tok/s)")?,
+        (Some(c), Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s ({link} {c:.2} tok/s)")?,
         (None, Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s (memory-bound)")?,
+        (None, None) if p.mode == Mode::Resident && p.gpu.is_some() => writeln!(out, "  predicted       GPU-bound (everything on the GPU)")?,
         _ => writeln!(out, "  predicted       unknown: run `hypura profile` to measure this machine")?,
     }
     Ok(())

@@ -514,7 +514,8 @@ impl Plan {
         let pool_bytes = (input.ram_budget - ram_base).min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);
         let per_token: u64 = layers.iter().map(|&l| k * layer_expert_bytes(l)).sum();
         let mut gpu_plan = gpu.map(|gi| Self::gpu_plan(gi, gpu_base));
-        if let (Some(gp), Mode::GpuExperts) = (gpu_plan.as_mut(), mode) {
+        // A device that computes on host memory uses the RAM cache itself.
+        if let (Some(gp), Mode::GpuExperts) = (gpu_plan.as_mut().filter(|g| !g.direct), mode) {
             // A device slot holds every expert tensor of one layer (only the
             // selected experts are ever copied in).
             let layer_slot = |l: u32| -> u64 { streamed.iter().filter(|t| t.layer == l).map(|t| t.size + DEVICE_SLACK).sum() };
@@ -599,12 +600,17 @@ impl Plan {
                     let base = if self.gpu.is_some() { 0.0 } else { self.resident_bytes as f64 };
                     from_disk + cpu(base + per_tok)
                 } else {
+                    // The GPU computes on the active experts at its memory
+                    // bandwidth (unknown: taken as 10x the host's; the
+                    // host's own for a device that computes on host memory).
+                    let gpu_bw = mem.map(|m| if h2d.is_some() { 10.0 * m } else { m });
+                    let compute = gpu_bw.map_or(0.0, |b| per_tok / b);
                     let n = self.streamed_layers.len().max(1) as f64;
                     let v = self.gpu.as_ref().map_or(0.0, |g| g.dedicated_layers.len() as f64 / n);
                     // Dedicated layers keep what they loaded: uniform routing
                     // over a warm cache serves about the RAM-cache fraction too.
                     let miss = 1.0 - v * c.max(0.0);
-                    miss * (from_disk + h2d.map_or(0.0, |h| per_tok / h))
+                    compute + miss * (from_disk + h2d.map_or(0.0, |h| per_tok / h))
                 }
             }
         };
