@@ -101,6 +101,10 @@ fn gpu_experts_slots_match_resident() {
             assert!(hits > 0.0, "{tag}: no expert reused from its GPU slot: {r}");
         }
     }
+    // A RAM cache smaller than the experts: the (pinned on a GPU) cache
+    // evicts and re-reads while the shared slot cycles.
+    let r = same_as(&want, &m, dir.path(), "evicting", &["--mode", "gpu-experts", "--gpu-upload", "staged", "--gpu-budget", "5M", "--ram-budget", "4M"]);
+    assert!(r["read_bytes_per_token"].as_f64().unwrap() > 0.0, "the small cache reads while generating: {r}");
     let r = same_as(&want, &m, dir.path(), "direct", &["--mode", "gpu-experts", "--gpu-upload", "direct", "--gpu-budget", "64M", "--ram-budget", "24M"]);
     assert_eq!(r["upload_bytes_per_token"].as_f64().unwrap(), 0.0, "{r}");
 }

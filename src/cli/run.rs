@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// larger than the GPU budget, this is how to split it.
     #[arg(long, value_name = "N|all", value_parser = parse_gpu_layers)]
     pub gpu_layers: Option<i32>,
+    /// For comparisons: a resident run whose compute is cut into the same
+    /// ranges as a dense or expert streaming run (same kernel fusion).
+    #[arg(long, value_enum, hide = true)]
+    pub reference_cuts: Option<crate::engine::stream::Cuts>,
 }
 
 /// `--gpu-layers`: a count, or `all` (llama.cpp's -1).
@@ -173,6 +177,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(st) = streamer.as_mut() {
         st.hook(&mut copts);
+    } else if let Some(c) = args.reference_cuts {
+        (copts.eval_callback, copts.eval_user_data) = crate::engine::stream::cuts_callback(c);
     }
     let mut ctx = Context::new(&model, copts)?;
     let seed = args.seed.unwrap_or_else(|| {

@@ -181,6 +181,9 @@ struct ExpertTensor {
     /// Staged GPU tier: offset in a device slot, and the padding after it.
     dev_off: usize,
     dev_pad: usize,
+    /// Pinned RAM cache: where this tensor's piece of an expert starts in a
+    /// cache slot (aligned; the bytes land at + file offset mod 4096).
+    piece_off: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -206,6 +209,8 @@ struct ExpertLayer {
     expert_mem: u64,
     /// Staged GPU tier: the device slot this layer owns for good, if any.
     dedicated_slot: Option<usize>,
+    /// Pinned RAM cache: the cache slot of each loaded expert (u32::MAX: none).
+    cache_slot: Vec<u32>,
 }
 
 impl ExpertLayer {
@@ -245,6 +250,12 @@ pub struct Streamer {
     tickets_scratch: Vec<Ticket>,
     /// Selected experts missing from the GPU slot (staged GPU tier).
     dev_missing: Vec<i32>,
+    /// Staged GPU tier: the RAM expert cache as pinned memory cut into
+    /// uniform slots (one expert of a layer each), so copies to the GPU run
+    /// at the pinned rate; none: the address-space arena (pageable).
+    cache: Option<Buffer>,
+    cache_slot_bytes: usize,
+    cache_free: Vec<u32>,
     // GPU tier.
     gpu: Option<GpuPool>,
     /// (streamed dense tensor address, layer), sorted.
@@ -355,6 +366,9 @@ impl Streamer {
             spec_recent: (0, 0),
             tickets_scratch: Vec::new(),
             dev_missing: Vec::new(),
+            cache: None,
+            cache_slot_bytes: 0,
+            cache_free: Vec::new(),
             gpu: None,
             weight_layer: Vec::new(),
             metrics: StreamMetrics::default(),
@@ -470,6 +484,7 @@ impl Streamer {
                         coact: vec![0; n * n],
                         expert_mem: 0,
                         dedicated_slot: None,
+                        cache_slot: vec![u32::MAX; n],
                     });
                     if layer.n() != n {
                         bail!("layer {}: expert tensors disagree on the expert count", t.layer);
@@ -485,7 +500,8 @@ impl Streamer {
                         }
                         _ => (0, 0),
                     };
-                    layer.tensors.push(ExpertTensor { file_offset: t.file_offset, expert_bytes, base, tensor, dev_off, dev_pad });
+                    let piece_off = layer.tensors.last().map_or(0, |d: &ExpertTensor| d.piece_off + slot_len_for(0, d.expert_bytes) + ALIGN);
+                    layer.tensors.push(ExpertTensor { file_offset: t.file_offset, expert_bytes, base, tensor, dev_off, dev_pad, piece_off });
                     if !staged {
                         // SAFETY: the tensor belongs to the loaded model; experts
                         // now live in the arena (only loaded ones are valid).
@@ -504,7 +520,10 @@ impl Streamer {
                 s.experts = layers;
                 if let Some((dev, upload)) = gpu {
                     let pool = match upload {
-                        Upload::Staged => Self::staged_expert_pool(&mut s, plan, dev, max_n)?,
+                        Upload::Staged => {
+                            s.pinned_expert_cache(&dev, plan);
+                            Self::staged_expert_pool(&mut s, plan, dev, max_n)?
+                        }
                         _ => {
                             // SAFETY: the arena lives as long as the streamer.
                             let buf = unsafe { Buffer::from_host(&dev, arena.base(), arena.len, max_tensor) }?;
@@ -525,6 +544,61 @@ impl Streamer {
         }
         s.release_all();
         Ok(Box::new(s))
+    }
+
+    /// Staged experts: the RAM cache in pinned memory, cut into slots of the
+    /// largest expert (all tensors' pieces). Without pinned memory (or if it
+    /// cannot be had) the pageable arena stays the cache.
+    fn pinned_expert_cache(&mut self, dev: &Device, plan: &Plan) {
+        // Pinned memory; on the CPU device (tests) its own host memory.
+        let hb = match (dev.host_buft(), dev.kind()) {
+            (Some(hb), _) => hb,
+            (None, super::device::Kind::Cpu) => dev.buft(),
+            (None, _) => return,
+        };
+        let slot = self
+            .experts
+            .iter()
+            .flatten()
+            .filter_map(|l| l.tensors.last().map(|t| t.piece_off + slot_len_for(0, t.expert_bytes) + ALIGN))
+            .max()
+            .unwrap_or(0);
+        let n_experts: usize = self.experts.iter().flatten().map(|l| l.n()).sum();
+        let n = ((plan.pool_bytes as usize) / slot.max(1)).min(n_experts).min(u32::MAX as usize);
+        if slot == 0 || n == 0 {
+            return;
+        }
+        match Buffer::alloc(hb, n * slot + ALIGN, "pinned expert cache") {
+            Ok(buf) => {
+                let base = buf.base().wrapping_add(buf.base().align_offset(ALIGN));
+                let _ = self.reader.register_buffers(&[(base, n * slot)]);
+                for l in self.experts.iter_mut().flatten() {
+                    // Accounting in cache slots: the budget is n slots.
+                    l.expert_mem = slot as u64;
+                }
+                self.expert_budget = (n * slot) as u64;
+                self.cache_slot_bytes = slot;
+                self.cache_free = (0..n as u32).rev().collect();
+                self.cache = Some(buf);
+            }
+            Err(e) => tracing::warn!("no pinned expert cache ({e:#}): copies to the GPU from pageable memory"),
+        }
+    }
+
+    /// Where the bytes of expert `e`, tensor `j` of `layer` are in RAM.
+    fn expert_addr(&self, layer: usize, e: usize, j: usize) -> *mut u8 {
+        let l = self.experts[layer].as_ref().expect("expert layer");
+        let t = &l.tensors[j];
+        match &self.cache {
+            Some(c) => {
+                let slot = l.cache_slot[e] as usize;
+                debug_assert!(slot != u32::MAX as usize);
+                let base = c.base().wrapping_add(c.base().align_offset(ALIGN));
+                let off = t.file_offset + (e * t.expert_bytes) as u64;
+                base.wrapping_add(slot * self.cache_slot_bytes + t.piece_off + slot_offset_for(off))
+            }
+            None => t.base.wrapping_add(e * t.expert_bytes),
+        }
     }
 
     fn pool_of(dev: Device, upload: Upload, buf: Buffer, pinned: Option<Buffer>, dev_slot_bytes: usize) -> GpuPool {
@@ -1158,18 +1232,21 @@ impl Streamer {
     fn upload_experts(&mut self, layer: usize, slot: usize) -> Result<()> {
         let t0 = Instant::now();
         let el = self.experts[layer].as_ref().context("expert layer")?;
-        let g = self.gpu.as_mut().context("device pool")?;
+        let g = self.gpu.as_ref().context("device pool")?;
         for &id in &self.ids_scratch {
             let e = id as usize;
             debug_assert_eq!(el.state[e], ExpertState::Loaded);
-            for t in &el.tensors {
+            for (j, t) in el.tensors.iter().enumerate() {
                 let dst = slot * g.dev_slot_bytes + t.dev_off + e * t.expert_bytes;
                 // SAFETY: the expert's reads completed (Loaded): its bytes in the
-                // arena are valid; the device range is this layer's, idle.
-                unsafe { g.buf.upload(dst, t.base.add(e * t.expert_bytes), t.expert_bytes) };
+                // RAM cache are valid; the device range is this layer's, idle.
+                unsafe { g.buf.upload(dst, self.expert_addr(layer, e, j), t.expert_bytes) };
                 self.metrics.upload_bytes += t.expert_bytes as u64;
             }
-            g.slot_valid[slot][e] = true;
+        }
+        let g = self.gpu.as_mut().context("device pool")?;
+        for &id in &self.ids_scratch {
+            g.slot_valid[slot][id as usize] = true;
         }
         self.metrics.stall_ns += t0.elapsed().as_nanos() as u64;
         Ok(())
@@ -1188,14 +1265,21 @@ impl Streamer {
 
     /// Submits the reads of expert `e` of `layer` (all its tensors).
     fn submit_expert(&mut self, layer: usize, e: usize) -> Result<()> {
-        let el = self.experts[layer].as_mut().context("expert layer")?;
-        let nt = el.tensors.len();
-        for (j, t) in el.tensors.iter().enumerate() {
+        if self.cache.is_some() {
+            let slot = self.cache_free.pop().with_context(|| format!("layer {layer}: the expert cache has no free slot"))?;
+            self.experts[layer].as_mut().context("expert layer")?.cache_slot[e] = slot;
+        }
+        let nt = self.experts[layer].as_ref().context("expert layer")?.tensors.len();
+        for j in 0..nt {
+            let addr = self.expert_addr(layer, e, j);
+            let el = self.experts[layer].as_mut().context("expert layer")?;
+            let t = &el.tensors[j];
             let off = t.file_offset + (e * t.expert_bytes) as u64;
-            // SAFETY: base + e*expert_bytes is inside this tensor's arena
-            // range; memory ≡ file offset mod 4096, so the aligned superset
-            // lands in place when it starts at the aligned-down address.
-            let dst = unsafe { t.base.add(e * t.expert_bytes).sub(slot_offset_for(off)) };
+            // SAFETY: `addr` is the expert's place in the arena (memory ≡ file
+            // offset mod 4096) or in its pinned cache slot (piece start +
+            // offset mod 4096): the aligned superset lands in place when it
+            // starts at the aligned-down address, inside the same range.
+            let dst = unsafe { addr.sub(slot_offset_for(off)) };
             let cap = slot_len_for(off, t.expert_bytes);
             let req = ReadRequest { file: FileId(0), file_offset: off, len: t.expert_bytes, dst, dst_cap: cap };
             // SAFETY: the range belongs to this expert (neighbour bytes in the
@@ -1206,6 +1290,7 @@ impl Streamer {
             self.metrics.bytes_read += cap as u64;
             self.metrics.reads += 1;
         }
+        let el = self.experts[layer].as_mut().context("expert layer")?;
         el.state[e] = ExpertState::Loading;
         self.expert_resident += el.expert_mem;
         Ok(())
@@ -1301,7 +1386,13 @@ impl Streamer {
 
     fn evict_expert(&mut self, layer: usize, e: usize) {
         let Some(l) = self.experts[layer].as_mut() else { return };
-        for t in &l.tensors {
+        if self.cache.is_some() {
+            // The pinned cache keeps its memory: the slot is free for another.
+            debug_assert!(l.cache_slot[e] != u32::MAX);
+            self.cache_free.push(l.cache_slot[e]);
+            l.cache_slot[e] = u32::MAX;
+        }
+        for t in l.tensors.iter().filter(|_| self.cache.is_none()) {
             // Give back the pages wholly inside this expert's bytes; boundary
             // pages shared with a neighbour stay.
             let start = t.base as usize + e * t.expert_bytes;
@@ -1340,6 +1431,40 @@ unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user: *m
         return false;
     }
     s.on_node(t, ask)
+}
+
+/// Which nodes end a compute range, for a resident run that is to compute
+/// exactly as a streaming run does (`run --reference-cuts`): ggml fuses ops
+/// within a range (on CUDA, e.g. the router's softmax/top-k/weights), so
+/// cutting changes kernels, not the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Cuts {
+    /// At `l_out-N`, as dense streaming.
+    Dense,
+    /// At `ffn_moe_topk-N`, as expert streaming.
+    Experts,
+}
+
+static CUTS_DENSE: Cuts = Cuts::Dense;
+static CUTS_EXPERTS: Cuts = Cuts::Experts;
+
+/// The eval callback and user data that cut ranges like `cuts`.
+pub fn cuts_callback(cuts: Cuts) -> (EvalCallback, *mut c_void) {
+    let p: &'static Cuts = if cuts == Cuts::Dense { &CUTS_DENSE } else { &CUTS_EXPERTS };
+    (Some(cuts_eval), p as *const Cuts as *mut c_void)
+}
+
+unsafe extern "C" fn cuts_eval(t: *mut sys::ggml_tensor, ask: bool, user: *mut c_void) -> bool {
+    if !ask {
+        return true;
+    }
+    // SAFETY: `user` is one of the statics above; `t` a live node with a
+    // NUL-terminated name.
+    let (cuts, name) = unsafe { (*(user as *const Cuts), CStr::from_ptr((*t).name.as_ptr()).to_bytes()) };
+    match cuts {
+        Cuts::Dense => node_layer(name, L_OUT).is_some(),
+        Cuts::Experts => node_layer(name, TOPK).is_some(),
+    }
 }
 
 /// Abort callback for the context: stops the compute after a streaming error.
