@@ -46,6 +46,11 @@ pub struct BenchOptions {
     pub ram_budget: Option<u64>,
     pub threads: usize,
     pub mode: Option<Mode>,
+    /// Placement modes to compare (each with every depth); empty: `mode` only.
+    pub modes: Vec<Mode>,
+    /// `--gpu-budget` and `--gpu-device` of the streaming runs.
+    pub gpu_budget: Option<u64>,
+    pub gpu_device: Option<String>,
     pub no_repack: bool,
     pub io_backend: Option<String>,
     /// Per-run time limit.
@@ -128,8 +133,30 @@ fn stem(path: &Path) -> String {
 
 /// The configurations: one per depth, then the baselines.
 pub fn configs(opts: &BenchOptions) -> Vec<BenchConfig> {
-    let mut c: Vec<BenchConfig> =
-        opts.depths.iter().map(|&d| BenchConfig::streaming(d, opts.ram_budget, opts.mode)).collect();
+    let mut c: Vec<BenchConfig> = if opts.modes.is_empty() {
+        opts.depths.iter().map(|&d| BenchConfig::streaming(d, opts.ram_budget, opts.mode)).collect()
+    } else {
+        // Placement modes side by side (e.g. gpu-experts against the CPU shape).
+        opts.modes
+            .iter()
+            .flat_map(|&m| {
+                opts.depths.iter().map(move |&d| {
+                    let mut b = BenchConfig::streaming(d, opts.ram_budget, Some(m));
+                    b.id = format!("{}-{}", m.label(), b.id);
+                    b.label = format!("{}, {}", m.label(), b.label);
+                    b
+                })
+            })
+            .collect()
+    };
+    for b in &mut c {
+        if let Some(g) = opts.gpu_budget {
+            b.args.extend(["--gpu-budget".to_string(), g.to_string()]);
+        }
+        if let Some(d) = &opts.gpu_device {
+            b.args.extend(["--gpu-device".to_string(), d.clone()]);
+        }
+    }
     if opts.baseline {
         c.push(BenchConfig::baseline("auto"));
         c.push(BenchConfig::baseline("dio"));

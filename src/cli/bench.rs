@@ -40,8 +40,18 @@ pub struct BenchArgs {
     #[arg(short, long)]
     pub threads: Option<usize>,
     /// Force the streaming runs' placement mode (default: chosen by the plan).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "modes")]
     pub mode: Option<Mode>,
+    /// Compare placement modes, comma-separated (e.g. gpu-experts,experts:
+    /// streaming into the GPU against the CPU shape), each at every depth.
+    #[arg(long, value_delimiter = ',', value_enum, value_name = "LIST")]
+    pub modes: Vec<Mode>,
+    /// GPU budget of the streaming runs, e.g. 6G (default: run's default).
+    #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+    pub gpu_budget: Option<u64>,
+    /// GPU device of the streaming runs, by ggml name (default: the first GPU).
+    #[arg(long, value_name = "NAME")]
+    pub gpu_device: Option<String>,
     /// Turn off ggml's CPU weight repacking in every run.
     #[arg(long)]
     pub no_repack: bool,
@@ -117,6 +127,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ram_budget: args.ram_budget,
         threads,
         mode: args.mode,
+        modes: args.modes.clone(),
+        gpu_budget: args.gpu_budget,
+        gpu_device: args.gpu_device.clone(),
         no_repack: args.no_repack,
         io_backend: args.io_backend.clone(),
         timeout: args.timeout.map(Duration::from_secs),
