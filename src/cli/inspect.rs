@@ -384,6 +384,9 @@ fn render_plan(p: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
             _ => "",
         };
         writeln!(out, "  layers          {} pinned{pinned_on}, {} streamed", p.pinned_layers.len(), p.streamed_layers.len())?;
+        if !p.ram_layers.is_empty() {
+            writeln!(out, "  RAM tier        {} of the streamed layers kept in RAM, copied to the GPU each token", p.ram_layers.len())?;
+        }
         let pool = if p.mode == Mode::GpuExperts { "expert cache (RAM)" } else { "pool (RAM)" };
         writeln!(out, "  {pool:<15} {} (lookahead {})", human_bytes(p.pool_bytes), p.lookahead)?;
         writeln!(out, "  read per token  {}", human_bytes(p.bytes_per_token))?;

@@ -69,10 +69,9 @@ pub struct RunArgs {
     /// Print the final statistics as one JSON object on stderr.
     #[arg(long)]
     pub json: bool,
-    /// Manual partial offload of a resident model (llama.cpp's
-    /// n_gpu_layers): the last N layers on the GPU, or `all`. By default the
-    /// plan decides (see --gpu-budget); with --mode resident and a model
-    /// larger than the GPU budget, this is how to split it.
+    /// Manual split of a resident model (llama.cpp's n_gpu_layers): the last
+    /// N layers on the GPU, `all`, or 0 for none. By default the plan decides
+    /// (everything on the GPU when it fits --gpu-budget).
     #[arg(long, value_name = "N|all", value_parser = parse_gpu_layers)]
     pub gpu_layers: Option<i32>,
     /// For comparisons: a resident run whose compute is cut into the same
@@ -127,11 +126,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let plan = plan_for_machine(&gguf, &args.placement, n_ctx)?;
     tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, gpu = plan.gpu.is_some(), "plan");
-    if args.gpu_layers.is_some() && (plan.mode != Mode::Resident || plan.gpu.is_some()) {
+    if args.gpu_layers.is_some() && plan.mode != Mode::Resident {
         bail!(
-            "--gpu-layers is a manual split of a resident model that does not fit the GPU (here the plan is {}{}): drop it, or pass --mode resident --gpu-budget 0",
-            plan.mode.label(),
-            if plan.gpu.is_some() { " with a GPU" } else { "" }
+            "--gpu-layers splits a resident model by hand, but the plan streams ({}): drop --gpu-layers (the plan places layers on the GPU by --gpu-budget), or pass --mode resident",
+            plan.mode.label()
         );
     }
     // The device the GPU plan is for (found again: the plan keeps its name).

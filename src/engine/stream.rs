@@ -169,6 +169,10 @@ struct DenseLayer {
     state: LayerState,
     slot: usize,
     tickets: Vec<Ticket>,
+    /// Staged GPU tier, RAM-tier layer: offset of its permanent copy in the
+    /// RAM tier buffer, and whether that copy has been read.
+    ram_off: Option<usize>,
+    ram_valid: bool,
 }
 
 /// One `*_exps` tensor of a layer, its address range in the expert arena.
@@ -255,6 +259,8 @@ pub struct Streamer {
     /// at the pinned rate; none: the address-space arena (pageable).
     cache: Option<Buffer>,
     cache_slot_bytes: usize,
+    /// Staged GPU dense: pinned RAM holding the plan's RAM-tier layers.
+    ram_tier: Option<Buffer>,
     cache_free: Vec<u32>,
     // GPU tier.
     gpu: Option<GpuPool>,
@@ -289,7 +295,7 @@ struct GpuPool {
 
 /// The staged dense path's copy thread: jobs (layer, slot) in, layers out.
 struct Uploader {
-    jobs: Option<SyncSender<(u32, u32)>>,
+    jobs: Option<SyncSender<(u32, u32, usize)>>,
     done: Receiver<u32>,
     thread: Option<JoinHandle<()>>,
 }
@@ -368,6 +374,7 @@ impl Streamer {
             dev_missing: Vec::new(),
             cache: None,
             cache_slot_bytes: 0,
+            ram_tier: None,
             cache_free: Vec::new(),
             gpu: None,
             weight_layer: Vec::new(),
@@ -389,6 +396,8 @@ impl Streamer {
                         state: LayerState::Idle,
                         slot: usize::MAX,
                         tickets: Vec::new(),
+                        ram_off: None,
+                        ram_valid: false,
                     });
                     let in_slot = layer.tensors.iter().map(|d| slot_len_for(d.file_offset, d.size)).sum();
                     // Device layout: each tensor at an aligned offset, with
@@ -432,6 +441,9 @@ impl Streamer {
                 s.free_slots = (0..n_slots).rev().collect();
                 s.dense = layers;
                 if let Some((dev, upload)) = gpu {
+                    if upload == Upload::Staged {
+                        s.ram_tier_for(&dev, plan);
+                    }
                     s.gpu = Some(match upload {
                         Upload::Staged => Self::staged_dense_pool(&s, dev, pinned, n_slots, max_tensor)?,
                         _ => {
@@ -585,6 +597,40 @@ impl Streamer {
         }
     }
 
+    /// Staged dense: pinned RAM for the plan's RAM-tier layers (each laid
+    /// out as in a staging slot). Without it they are read like the others.
+    fn ram_tier_for(&mut self, dev: &Device, plan: &Plan) {
+        let layers: Vec<usize> = plan.ram_layers.iter().map(|&l| l as usize).filter(|&l| self.dense.get(l).is_some_and(Option::is_some)).collect();
+        if layers.is_empty() {
+            return;
+        }
+        let sizes: Vec<usize> = layers
+            .iter()
+            .map(|&l| self.dense[l].as_ref().map_or(0, |d| d.tensors.iter().map(|t| slot_len_for(t.file_offset, t.size)).sum()))
+            .collect();
+        let total: usize = sizes.iter().sum();
+        let hb = match (dev.host_buft(), dev.kind()) {
+            (Some(hb), _) => hb,
+            (None, super::device::Kind::Cpu) => dev.buft(),
+            (None, _) => return,
+        };
+        match Buffer::alloc(hb, total + ALIGN, "RAM tier") {
+            Ok(buf) => {
+                let mut off = 0;
+                for (&l, &n) in layers.iter().zip(&sizes) {
+                    if let Some(d) = self.dense[l].as_mut() {
+                        d.ram_off = Some(off);
+                    }
+                    off += n;
+                }
+                let base = buf.base().wrapping_add(buf.base().align_offset(ALIGN));
+                let _ = self.reader.register_buffers(&[(base, total)]);
+                self.ram_tier = Some(buf);
+            }
+            Err(e) => tracing::warn!("no RAM tier ({e:#}): those layers are read from disk every token"),
+        }
+    }
+
     /// Where the bytes of expert `e`, tensor `j` of `layer` are in RAM.
     fn expert_addr(&self, layer: usize, e: usize, j: usize) -> *mut u8 {
         let l = self.experts[layer].as_ref().expect("expert layer");
@@ -640,23 +686,19 @@ impl Streamer {
             let Some(l) = l else { continue };
             table[i] = l.tensors.iter().map(|t| (t.in_slot + slot_offset_for(t.file_offset), t.dev_off, t.size, t.dev_pad)).collect();
         }
-        let host_base = match &pinned {
-            Some(p) => p.base().wrapping_add(p.base().align_offset(ALIGN)) as usize,
-            None => s.pool.as_ref().context("no pool")?.base() as usize,
-        };
+
         let mut pool = Self::pool_of(dev, Upload::Staged, buf, pinned, dev_slot);
         pool.guard_off = guard_off;
-        let (job_tx, job_rx) = sync_channel::<(u32, u32)>(n_slots + 1);
+        let (job_tx, job_rx) = sync_channel::<(u32, u32, usize)>(n_slots + 1);
         let (done_tx, done_rx) = sync_channel::<u32>(n_slots + 1);
         let dbuf = Arc::clone(&pool.buf);
-        let host_slot = s.slot_bytes;
         let thread = std::thread::Builder::new()
             .name("hypura-upload".into())
             .spawn(move || {
-                while let Ok((layer, slot)) = job_rx.recv() {
+                while let Ok((layer, slot, region)) = job_rx.recv() {
                     let (layer, slot) = (layer as usize, slot as usize);
                     for &(src, dst, len, pad) in &table[layer] {
-                        let src = host_base + slot * host_slot + src;
+                        let src = region + src;
                         // SAFETY: the slot's reads completed before the job was sent, and
                         // nothing writes the host slot or computes on the device slot
                         // until this layer's `done` has been received.
@@ -865,15 +907,24 @@ impl Streamer {
 
     fn submit_layer(&mut self, layer: usize) -> Result<()> {
         let host_base = self.host_pool_base()?;
+        let ram_base = self.ram_tier.as_ref().map(|b| b.base().wrapping_add(b.base().align_offset(ALIGN)));
         let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
         if l.state != LayerState::Idle {
             return Ok(());
         }
         let slot = self.free_slots.pop().context("streaming pool exhausted (no free slot)")?;
-        // SAFETY: slot < n_slots, inside the host pool.
-        let slot_base = unsafe { host_base.add(slot * self.slot_bytes) };
         l.slot = slot;
         l.tickets.clear();
+        // A RAM-tier layer reads into its permanent copy, once.
+        let slot_base = match (l.ram_off, ram_base) {
+            (Some(off), Some(base)) => base.wrapping_add(off),
+            // SAFETY: slot < n_slots, inside the host pool.
+            _ => unsafe { host_base.add(slot * self.slot_bytes) },
+        };
+        if l.ram_valid {
+            l.state = LayerState::Loading; // nothing to read: straight to the copy
+            return Ok(());
+        }
         for t in &l.tensors {
             let cap = slot_len_for(t.file_offset, t.size);
             debug_assert!(t.in_slot + cap <= self.slot_bytes);
@@ -959,14 +1010,23 @@ impl Streamer {
 
     /// Staged: hands a layer whose reads completed to the uploader thread.
     fn dispatch_upload(&mut self, layer: usize) -> Result<()> {
+        let host_base = self.host_pool_base()? as usize;
+        let ram_base = self.ram_tier.as_ref().map(|b| b.base().wrapping_add(b.base().align_offset(ALIGN)) as usize);
         let l = self.dense[layer].as_mut().context("dense layer")?;
         debug_assert!(l.tickets.is_empty());
+        let src = match (l.ram_off, ram_base) {
+            (Some(off), Some(base)) => {
+                l.ram_valid = true; // its reads have completed
+                base + off
+            }
+            _ => host_base + l.slot * self.slot_bytes,
+        };
         let up = self.gpu.as_ref().and_then(|g| g.uploader.as_ref()).context("no uploader")?;
         // Never blocks: at most n_slots layers are in flight and the queue holds n_slots + 1.
         up.jobs
             .as_ref()
             .context("uploader closed")?
-            .try_send((layer as u32, l.slot as u32))
+            .try_send((layer as u32, l.slot as u32, src))
             .map_err(|_| anyhow::anyhow!("layer {layer}: the upload queue is full or closed"))?;
         l.state = LayerState::Uploading;
         self.metrics.upload_bytes += l.tensors.iter().map(|t| t.size as u64).sum::<u64>();

@@ -147,6 +147,9 @@ pub struct Plan {
     pub streamed: Vec<StreamedTensor>,
     /// Layers whose FFN stays resident (dense mode).
     pub pinned_layers: Vec<u32>,
+    /// GpuDense: streamed layers whose FFN is kept in (pinned) RAM after its
+    /// first read and copied to the GPU each token: no disk read.
+    pub ram_layers: Vec<u32>,
     /// Layers whose FFN (or experts) stream.
     pub streamed_layers: Vec<u32>,
     pub lookahead: usize,
@@ -197,7 +200,7 @@ impl Plan {
     /// The tier of a tensor by name.
     pub fn tier(&self, t: &TensorInfo) -> Tier {
         if self.streamed.iter().any(|s| s.name == t.name) {
-            return Tier::Nvme;
+            return if t.layer.is_some_and(|l| self.ram_layers.contains(&l)) { Tier::Ram } else { Tier::Nvme };
         }
         if self.gpu.is_none() || t.role == TensorRole::TokenEmbedding {
             return Tier::Ram;
@@ -295,6 +298,7 @@ impl Plan {
             streamed_bytes: 0,
             streamed: Vec::new(),
             pinned_layers: Vec::new(),
+            ram_layers: Vec::new(),
             streamed_layers: Vec::new(),
             lookahead: 0,
             slot_bytes: 0,
@@ -428,6 +432,23 @@ impl Plan {
             .collect();
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
         let pinned_bytes: u64 = pinned.iter().map(|&l| ffn[l as usize]).sum();
+        // GpuDense: the RAM the staging slots leave holds streamed layers
+        // (spread evenly), copied to the GPU from there instead of read.
+        let ram_layers: Vec<u32> = if on_gpu && !direct {
+            let left = input.ram_budget.saturating_sub(ram_base + ram_pool(n_slots as u64));
+            let mut m = streamed_layers.len();
+            loop {
+                let cand = spread(&streamed_layers, m);
+                if cand.iter().map(|&l| slot[l as usize]).sum::<u64>() <= left || m == 0 {
+                    break cand;
+                }
+                m -= 1;
+            }
+        } else {
+            Vec::new()
+        };
+        let ram_tier_bytes: u64 = ram_layers.iter().map(|&l| slot[l as usize]).sum();
+        let disk_bytes: u64 = streamed_layers.iter().filter(|l| !ram_layers.contains(l)).map(|&l| ffn[l as usize]).sum();
         let gpu_plan = gpu.map(|gi| {
             let mut gp = Self::gpu_plan(gi, gpu_base + if on_gpu { pinned_bytes } else { 0 });
             if on_gpu && n_slots > 0 {
@@ -444,11 +465,12 @@ impl Plan {
             streamed_bytes,
             streamed,
             pinned_layers: pinned,
+            ram_layers,
             streamed_layers,
             lookahead,
             slot_bytes,
-            pool_bytes: ram_pool(n_slots as u64),
-            bytes_per_token: streamed_bytes,
+            pool_bytes: ram_pool(n_slots as u64) + ram_tier_bytes,
+            bytes_per_token: disk_bytes,
             ceiling_tps: None,
             predicted_tps: None,
             gpu: gpu_plan,
@@ -544,6 +566,7 @@ impl Plan {
             streamed_bytes,
             streamed,
             pinned_layers: Vec::new(),
+            ram_layers: Vec::new(),
             streamed_layers: layers,
             lookahead,
             slot_bytes: max_layer_expert,
@@ -580,6 +603,11 @@ impl Plan {
         let link = h2d.map_or(disk, |h| disk.min(h));
         let per_tok = self.bytes_per_token as f64;
         self.ceiling_tps = (per_tok > 0.0).then(|| link / per_tok);
+        if let (Mode::GpuDense, Some(h)) = (self.mode, h2d) {
+            // Layers kept in RAM skip the disk but still cross the link.
+            let t = (per_tok / disk).max(self.streamed_bytes as f64 / h);
+            self.ceiling_tps = (t > 0.0).then(|| 1.0 / t);
+        }
         let cpu = |bytes: f64| mem.map_or(0.0, |m| bytes / m);
         let token_s = match self.mode {
             Mode::Resident => return,
@@ -589,7 +617,8 @@ impl Plan {
                 if self.lookahead > 0 { read.max(cpu(cpu_bytes)) } else { read + cpu(cpu_bytes) }
             }
             Mode::GpuDense => {
-                let up = h2d.map_or(0.0, |h| per_tok / h);
+                // Every streamed layer is copied; only those not in RAM are read.
+                let up = h2d.map_or(0.0, |h| self.streamed_bytes as f64 / h);
                 let read = per_tok / disk;
                 if self.lookahead > 0 { read.max(up) } else { read + up }
             }
