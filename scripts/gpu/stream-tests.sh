@@ -103,6 +103,8 @@ for kind in ${KINDS:-moe dense}; do
     read -r n_slots n_layers n_pinned bpt ceil <<<"$slots"
     echo "== $kind: $(( size >> 20 )) MiB, GPU budget $(( q >> 20 )) MiB: plan $gm slots $n_slots, streamed layers $n_layers, pinned $n_pinned, bytes/token $bpt, ceiling $ceil tok/s"
 
+    auto=$("$H" inspect "$f" --gpu-budget "$q" --json 2>/dev/null | python3 -c "import json,sys; p=json.load(sys.stdin)['plan']; print(p['mode'], 'predicted', p.get('predicted_tps'))" 2>/dev/null)
+    echo "   auto plan at this budget: $auto"
     # 1. Logits.
     r=$(hyp "$f" "$models/$kind-res.lg" --mode resident)
     echo "   resident on GPU: $(json "$r" "['gen_tps']") tok/s"
