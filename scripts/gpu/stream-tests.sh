@@ -98,18 +98,20 @@ for kind in ${KINDS:-moe dense}; do
     q=$(( size / 4 ))
     if [[ $kind == moe ]]; then gm=gpu-experts; cm=experts; else gm=gpu-dense; cm=dense; fi
     # The plan for the quarter budget (how many layers' experts fit: llama.cpp's side gets the same).
-    "$H" inspect "$f" --gpu-budget "$q" --mode "$gm" --json >"$out/$kind-plan.json" 2>>"$out/inspect.err"
+    # Inside the cgroup too: the RAM budget is read from it.
+    "${cg[@]}" "$H" inspect "$f" --gpu-budget "$q" --mode "$gm" --json >"$out/$kind-plan.json" 2>>"$out/inspect.err"
     slots=$(python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['plan']; print(p['gpu']['n_slots'], len(p['streamed_layers']), len(p['pinned_layers']), p['bytes_per_token'], p.get('ceiling_tps'))" "$out/$kind-plan.json" 2>/dev/null || echo "? ? ? ? ?")
     read -r n_slots n_layers n_pinned bpt ceil <<<"$slots"
     echo "== $kind: $(( size >> 20 )) MiB, GPU budget $(( q >> 20 )) MiB: plan $gm slots $n_slots, streamed layers $n_layers, pinned $n_pinned, bytes/token $bpt, ceiling $ceil tok/s"
 
-    auto=$("$H" inspect "$f" --gpu-budget "$q" --json 2>/dev/null | python3 -c "import json,sys; p=json.load(sys.stdin)['plan']; print(p['mode'], 'predicted', p.get('predicted_tps'))" 2>/dev/null)
+    auto=$("${cg[@]}" "$H" inspect "$f" --gpu-budget "$q" --json 2>/dev/null | python3 -c "import json,sys; p=json.load(sys.stdin)['plan']; print(p['mode'], 'predicted', p.get('predicted_tps'))" 2>/dev/null)
     echo "   auto plan at this budget: $auto"
     # 1. Logits.
     r=$(hyp "$f" "$models/$kind-res.lg" --mode resident)
     echo "   resident on GPU: $(json "$r" "['gen_tps']") tok/s"
     s=$(hyp "$f" "$models/$kind-gpu.lg" --mode "$gm" --gpu-budget "$q")
-    echo "   $gm: $(json "$s" "['gen_tps']") tok/s, read $(json "$s" "['read_bytes_per_token']") B/token, copied $(json "$s" "['upload_bytes_per_token']") B/token, stall $(json "$s" "['stall_ms_per_token']") ms/token"
+    ceil=$(json "$s" "['ceiling_tps']")
+    echo "   $gm: $(json "$s" "['gen_tps']") tok/s (ceiling $ceil), read $(json "$s" "['read_bytes_per_token']") B/token, copied $(json "$s" "['upload_bytes_per_token']") B/token, stall $(json "$s" "['stall_ms_per_token']") ms/token"
     c=$(hyp "$f" "$models/$kind-cpu.lg" --mode "$cm" --gpu-budget "$q")
     echo "   $cm (CPU shape): $(json "$c" "['gen_tps']") tok/s"
     echo "$r" >>"$out/runs.jsonl"; echo "$s" >>"$out/runs.jsonl"; echo "$c" >>"$out/runs.jsonl"
