@@ -173,6 +173,9 @@ struct DenseLayer {
     /// RAM tier buffer, and whether that copy has been read.
     ram_off: Option<usize>,
     ram_valid: bool,
+    /// Staged GPU tier: the device slot it is copied into (usize::MAX: none).
+    /// `slot` is then its host staging slot, given back once copied.
+    dev_slot: usize,
 }
 
 /// One `*_exps` tensor of a layer, its address range in the expert arena.
@@ -285,6 +288,14 @@ struct GpuPool {
     /// missed wait computes NaNs, never another layer's weights).
     guard_off: usize,
     uploader: Option<Uploader>,
+    /// Staged dense: free device slots (fewer than the host staging slots:
+    /// reads run ahead in RAM, the device only needs the layer computing and
+    /// the one being copied).
+    dev_free: Vec<usize>,
+    /// Staged dense: the compute-order position copies are handed out from
+    /// (copies go in compute order, so a free device slot always serves the
+    /// next layer needed).
+    next_copy: usize,
     /// Staged experts: per slot, the owning layer and which experts it holds.
     slot_owner: Vec<usize>,
     slot_valid: Vec<Vec<bool>>,
@@ -398,6 +409,7 @@ impl Streamer {
                         tickets: Vec::new(),
                         ram_off: None,
                         ram_valid: false,
+                        dev_slot: usize::MAX,
                     });
                     let in_slot = layer.tensors.iter().map(|d| slot_len_for(d.file_offset, d.size)).sum();
                     // Device layout: each tensor at an aligned offset, with
@@ -444,8 +456,9 @@ impl Streamer {
                     if upload == Upload::Staged {
                         s.ram_tier_for(&dev, plan);
                     }
+                    let n_dev = plan.gpu.as_ref().map_or(n_slots, |g| g.n_slots).clamp(1, n_slots);
                     s.gpu = Some(match upload {
-                        Upload::Staged => Self::staged_dense_pool(&s, dev, pinned, n_slots, max_tensor)?,
+                        Upload::Staged => Self::staged_dense_pool(&s, dev, pinned, n_dev, max_tensor)?,
                         _ => {
                             let pool = s.pool.as_ref().context("no pool")?;
                             // SAFETY: the pool mapping lives as long as the streamer (the
@@ -656,6 +669,8 @@ impl Streamer {
             dev_slot_bytes,
             guard_off: 0,
             uploader: None,
+            dev_free: Vec::new(),
+            next_copy: 0,
             slot_owner: Vec::new(),
             slot_valid: Vec::new(),
             shared: Vec::new(),
@@ -689,6 +704,7 @@ impl Streamer {
 
         let mut pool = Self::pool_of(dev, Upload::Staged, buf, pinned, dev_slot);
         pool.guard_off = guard_off;
+        pool.dev_free = (0..n_slots).rev().collect();
         let (job_tx, job_rx) = sync_channel::<(u32, u32, usize)>(n_slots + 1);
         let (done_tx, done_rx) = sync_channel::<u32>(n_slots + 1);
         let dbuf = Arc::clone(&pool.buf);
@@ -912,14 +928,17 @@ impl Streamer {
         if l.state != LayerState::Idle {
             return Ok(());
         }
-        let slot = self.free_slots.pop().context("streaming pool exhausted (no free slot)")?;
-        l.slot = slot;
         l.tickets.clear();
-        // A RAM-tier layer reads into its permanent copy, once.
+        // A RAM-tier layer reads into its permanent copy (once) and needs no
+        // staging slot; the others read into a host slot.
         let slot_base = match (l.ram_off, ram_base) {
             (Some(off), Some(base)) => base.wrapping_add(off),
-            // SAFETY: slot < n_slots, inside the host pool.
-            _ => unsafe { host_base.add(slot * self.slot_bytes) },
+            _ => {
+                let slot = self.free_slots.pop().context("streaming pool exhausted (no free slot)")?;
+                l.slot = slot;
+                // SAFETY: slot < n_slots, inside the host pool.
+                unsafe { host_base.add(slot * self.slot_bytes) }
+            }
         };
         if l.ram_valid {
             l.state = LayerState::Loading; // nothing to read: straight to the copy
@@ -975,7 +994,11 @@ impl Streamer {
                     self.metrics.stall_ns += waited;
                     self.metrics.io_busy_ns += waited;
                     if staged {
-                        self.dispatch_upload(layer)?;
+                        // Copies go in compute order and every layer before
+                        // this one has been released: a device slot is free.
+                        if !self.dispatch_upload(layer)? {
+                            bail!("layer {layer}: no free device slot");
+                        }
                         continue;
                     }
                     let base = self.host_pool_base()?;
@@ -1000,7 +1023,7 @@ impl Streamer {
                     let l = self.dense[layer].as_mut().context("dense layer")?;
                     for t in &l.tensors {
                         // SAFETY: the copy into this device slot completed (done received).
-                        unsafe { (*t.tensor).data = g.buf.base().add(l.slot * g.dev_slot_bytes + t.dev_off).cast() };
+                        unsafe { (*t.tensor).data = g.buf.base().add(l.dev_slot * g.dev_slot_bytes + t.dev_off).cast() };
                     }
                     l.state = LayerState::Ready;
                 }
@@ -1008,12 +1031,17 @@ impl Streamer {
         }
     }
 
-    /// Staged: hands a layer whose reads completed to the uploader thread.
-    fn dispatch_upload(&mut self, layer: usize) -> Result<()> {
+    /// Staged: hands a layer whose reads completed to the uploader thread,
+    /// into a free device slot; false when none is free (yet).
+    fn dispatch_upload(&mut self, layer: usize) -> Result<bool> {
         let host_base = self.host_pool_base()? as usize;
         let ram_base = self.ram_tier.as_ref().map(|b| b.base().wrapping_add(b.base().align_offset(ALIGN)) as usize);
+        let g = self.gpu.as_mut().context("device pool")?;
+        let Some(dev_slot) = g.dev_free.pop() else { return Ok(false) };
+        g.next_copy = (self.pos_of[layer] + 1) % self.order.len().max(1);
         let l = self.dense[layer].as_mut().context("dense layer")?;
         debug_assert!(l.tickets.is_empty());
+        l.dev_slot = dev_slot;
         let src = match (l.ram_off, ram_base) {
             (Some(off), Some(base)) => {
                 l.ram_valid = true; // its reads have completed
@@ -1026,11 +1054,11 @@ impl Streamer {
         up.jobs
             .as_ref()
             .context("uploader closed")?
-            .try_send((layer as u32, l.slot as u32, src))
+            .try_send((layer as u32, dev_slot as u32, src))
             .map_err(|_| anyhow::anyhow!("layer {layer}: the upload queue is full or closed"))?;
         l.state = LayerState::Uploading;
         self.metrics.upload_bytes += l.tensors.iter().map(|t| t.size as u64).sum::<u64>();
-        Ok(())
+        Ok(true)
     }
 
     /// Staged: waits until the uploader has copied `layer` (layers it
@@ -1042,6 +1070,11 @@ impl Streamer {
             if let Some(l) = self.dense.get_mut(done).and_then(Option::as_mut) {
                 debug_assert_eq!(l.state, LayerState::Uploading);
                 l.state = LayerState::Uploaded;
+                // Copied: the staging slot can take the next read.
+                if l.slot != usize::MAX {
+                    self.free_slots.push(l.slot);
+                    l.slot = usize::MAX;
+                }
             }
             if done == layer {
                 return Ok(());
@@ -1050,16 +1083,18 @@ impl Streamer {
     }
 
     /// Staged: layers whose reads have completed go to the uploader now, so
-    /// their copy overlaps the GPU's compute of the layers before them.
+    /// their copy overlaps the GPU's compute of the layers before them;
+    /// strictly in compute order, while device slots are free.
     fn poll_uploads(&mut self) {
-        if !self.gpu.as_ref().is_some_and(|g| g.upload == Upload::Staged) {
-            return;
-        }
-        for i in 0..self.order.len() {
-            let layer = self.order[i] as usize;
+        let Some(start) = self.gpu.as_ref().filter(|g| g.upload == Upload::Staged).map(|g| g.next_copy) else { return };
+        let n = self.order.len();
+        for i in 0..n {
+            let layer = self.order[(start + i) % n] as usize;
             let Some(l) = self.dense[layer].as_mut() else { continue };
-            if l.state != LayerState::Loading {
-                continue;
+            match l.state {
+                LayerState::Loading => {}
+                LayerState::Idle => return, // not read yet: later layers wait their turn
+                _ => continue,              // already handed over
             }
             let mut j = 0;
             while j < l.tickets.len() {
@@ -1075,8 +1110,13 @@ impl Streamer {
                     }
                 }
             }
-            if l.tickets.is_empty() {
-                if let Err(e) = self.dispatch_upload(layer) {
+            if !l.tickets.is_empty() {
+                return;
+            }
+            match self.dispatch_upload(layer) {
+                Ok(true) => {}
+                Ok(false) => return, // no device slot free until a release
+                Err(e) => {
                     self.fail(e);
                     return;
                 }
@@ -1095,9 +1135,18 @@ impl Streamer {
             unsafe { (*t.tensor).data = guard };
         }
         l.state = LayerState::Idle;
-        debug_assert!(!self.free_slots.contains(&l.slot));
-        self.free_slots.push(l.slot);
-        l.slot = usize::MAX;
+        if l.dev_slot != usize::MAX {
+            if let Some(g) = self.gpu.as_mut() {
+                debug_assert!(!g.dev_free.contains(&l.dev_slot));
+                g.dev_free.push(l.dev_slot);
+            }
+            l.dev_slot = usize::MAX;
+        }
+        if l.slot != usize::MAX {
+            debug_assert!(!self.free_slots.contains(&l.slot));
+            self.free_slots.push(l.slot);
+            l.slot = usize::MAX;
+        }
     }
 
     /// Submits the next `lookahead` streamed layers after `layer`, cyclically.
@@ -1110,7 +1159,8 @@ impl Streamer {
         let start = (layer + 1..self.n_layer).find(|&l| self.pos_of[l] != usize::MAX).map_or(0, |l| self.pos_of[l]);
         for i in 0..self.lookahead.min(n) {
             let next = self.order[(start + i) % n] as usize;
-            if self.free_slots.is_empty() {
+            let needs_slot = self.dense[next].as_ref().is_some_and(|l| l.ram_off.is_none() || self.ram_tier.is_none());
+            if self.free_slots.is_empty() && needs_slot {
                 break;
             }
             if let Err(e) = self.submit_layer(next) {

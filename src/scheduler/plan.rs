@@ -354,7 +354,9 @@ impl Plan {
         // Where the pool lives: device slots (+ a guard the size of the
         // largest tensor) on the GPU, and host staging slots in RAM (none
         // when the device computes on host memory: the slots are that memory).
-        let gpu_pool = |n_slots: u64| if on_gpu { n_slots * if direct { slot_bytes } else { dslot_bytes } + if direct { 0 } else { max_tensor } } else { 0 };
+        // Staged: reads run ahead in host slots; the device needs only the
+        // layer computing and the one being copied (two slots).
+        let gpu_pool = |n_slots: u64| if on_gpu { if direct { n_slots * slot_bytes } else { n_slots.min(2) * dslot_bytes + max_tensor } } else { 0 };
         let ram_pool = |n_slots: u64| if on_gpu && direct { 0 } else { n_slots * slot_bytes };
         let gpu_left = gpu.map_or(0, |g| g.budget - gpu_base);
 
@@ -453,7 +455,7 @@ impl Plan {
             let mut gp = Self::gpu_plan(gi, gpu_base + if on_gpu { pinned_bytes } else { 0 });
             if on_gpu && n_slots > 0 {
                 gp.pool_bytes = gpu_pool(n_slots as u64);
-                gp.n_slots = n_slots;
+                gp.n_slots = if direct { n_slots } else { n_slots.min(2) };
             }
             gp
         });
