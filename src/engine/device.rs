@@ -154,8 +154,11 @@ impl Device {
 
     /// Bytes the device needs for `tensor` (quantized rows may be padded:
     /// CUDA pads to 512 columns and its kernels read the padding).
-    pub fn alloc_size(&self, tensor: *const sys::ggml_tensor) -> usize {
-        // SAFETY: live buffer type and a live tensor of the model.
+    ///
+    /// # Safety
+    /// `tensor` must point to a live ggml tensor.
+    pub unsafe fn alloc_size(&self, tensor: *const sys::ggml_tensor) -> usize {
+        // SAFETY: live buffer type; the tensor per the caller.
         unsafe { sys::ggml_backend_buft_get_alloc_size(self.buft(), tensor) }
     }
 
@@ -203,8 +206,11 @@ unsafe impl Sync for Buffer {}
 impl Buffer {
     /// Allocates `len` bytes of `buft` (device memory, or pinned host memory
     /// for a host buffer type).
-    pub fn alloc(buft: sys::ggml_backend_buffer_type_t, len: usize, what: &str) -> Result<Buffer> {
-        // SAFETY: live buffer type; ggml returns null on failure.
+    ///
+    /// # Safety
+    /// `buft` must be a live buffer type (one of a registered device's).
+    pub unsafe fn alloc(buft: sys::ggml_backend_buffer_type_t, len: usize, what: &str) -> Result<Buffer> {
+        // SAFETY: live buffer type per the caller; ggml returns null on failure.
         let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft, len.max(1)) };
         if buf.is_null() {
             let why = backend::take_last_error().map(|e| format!(": {e}")).unwrap_or_default();
@@ -313,7 +319,8 @@ impl Drop for Buffer {
 /// it) and from ordinary pageable memory: `bytes` copied `rounds` times, best
 /// round. `None` for a device that computes on host memory.
 pub fn measure_upload(dev: &Device, bytes: usize, rounds: usize) -> Result<(Option<f64>, f64)> {
-    let dst = Buffer::alloc(dev.buft(), bytes, "upload bandwidth test").context("device buffer")?;
+    // SAFETY: the device's own buffer type.
+    let dst = unsafe { Buffer::alloc(dev.buft(), bytes, "upload bandwidth test") }.context("device buffer")?;
     let time = |src: *const u8| -> f64 {
         let mut best = f64::MAX;
         for _ in 0..rounds.max(1) {
@@ -325,7 +332,8 @@ pub fn measure_upload(dev: &Device, bytes: usize, rounds: usize) -> Result<(Opti
         bytes as f64 / best / 1e9
     };
     let pinned = match dev.host_buft() {
-        Some(hb) => match Buffer::alloc(hb, bytes, "pinned staging test") {
+        // SAFETY: the device's host buffer type.
+        Some(hb) => match unsafe { Buffer::alloc(hb, bytes, "pinned staging test") } {
             Ok(src) => {
                 // SAFETY: host buffer of `bytes` bytes, ours.
                 unsafe { std::ptr::write_bytes(src.base(), 1, bytes) };

@@ -417,7 +417,8 @@ impl Streamer {
                     let (dev_off, dev_pad) = match &gpu {
                         Some((dev, Upload::Staged)) => {
                             let off = layer.tensors.last().map_or(0, |d: &DenseTensor| align_dev(dev, d.dev_off + d.size + d.dev_pad));
-                            (off, dev.alloc_size(r.tensor).saturating_sub(r.nbytes))
+                            // SAFETY: a tensor of the loaded model (reported by the buffer type).
+                            (off, unsafe { dev.alloc_size(r.tensor) }.saturating_sub(r.nbytes))
                         }
                         _ => (0, 0),
                     };
@@ -436,7 +437,8 @@ impl Streamer {
                 // whose backend has it, else anonymous memory.
                 let pinned = match &gpu {
                     Some((dev, Upload::Staged)) => dev.host_buft().and_then(|hb| {
-                        Buffer::alloc(hb, n_slots * s.slot_bytes + ALIGN, "pinned staging")
+                        // SAFETY: a buffer type of the registered device (its own or its host one).
+                        unsafe { Buffer::alloc(hb, n_slots * s.slot_bytes + ALIGN, "pinned staging") }
                             .map_err(|e| tracing::warn!("no pinned staging ({e:#}): staging in pageable memory"))
                             .ok()
                     }),
@@ -521,7 +523,8 @@ impl Streamer {
                     let (dev_off, dev_pad) = match &gpu {
                         Some((dev, Upload::Staged)) => {
                             let off = layer.tensors.last().map_or(0, |d: &ExpertTensor| align_dev(dev, d.dev_off + d.expert_bytes * n + d.dev_pad));
-                            (off, dev.alloc_size(tensor).saturating_sub(t.size as usize))
+                            // SAFETY: a tensor of the loaded model (reported by the buffer type).
+                            (off, unsafe { dev.alloc_size(tensor) }.saturating_sub(t.size as usize))
                         }
                         _ => (0, 0),
                     };
@@ -593,7 +596,8 @@ impl Streamer {
         if slot == 0 || n == 0 {
             return;
         }
-        match Buffer::alloc(hb, n * slot + ALIGN, "pinned expert cache") {
+        // SAFETY: a buffer type of the registered device (its own or its host one).
+        match unsafe { Buffer::alloc(hb, n * slot + ALIGN, "pinned expert cache") } {
             Ok(buf) => {
                 let base = buf.base().wrapping_add(buf.base().align_offset(ALIGN));
                 let _ = self.reader.register_buffers(&[(base, n * slot)]);
@@ -627,7 +631,8 @@ impl Streamer {
             (None, super::device::Kind::Cpu) => dev.buft(),
             (None, _) => return,
         };
-        match Buffer::alloc(hb, total + ALIGN, "RAM tier") {
+        // SAFETY: a buffer type of the registered device (its own or its host one).
+        match unsafe { Buffer::alloc(hb, total + ALIGN, "RAM tier") } {
             Ok(buf) => {
                 let mut off = 0;
                 for (&l, &n) in layers.iter().zip(&sizes) {
@@ -692,7 +697,8 @@ impl Streamer {
             .next_multiple_of(align);
         let max_dev_tensor = s.dense.iter().flatten().flat_map(|l| l.tensors.iter().map(|t| t.size + t.dev_pad)).max().unwrap_or(max_tensor);
         let guard_off = n_slots * dev_slot;
-        let buf = Buffer::alloc(dev.buft(), guard_off + max_dev_tensor, &format!("{} streaming slots", dev.name()))?;
+        // SAFETY: a buffer type of the registered device (its own or its host one).
+        let buf = unsafe { Buffer::alloc(dev.buft(), guard_off + max_dev_tensor, &format!("{} streaming slots", dev.name())) }?;
         buf.clear(0);
         buf.fill(guard_off, 0xFF, max_dev_tensor);
         // The copy list of every layer, for the uploader thread.
@@ -746,7 +752,8 @@ impl Streamer {
         let gp = plan.gpu.as_ref().context("GPU plan")?;
         let n_layers = s.experts.iter().flatten().count();
         let n_slots = gp.n_slots.clamp(1, n_layers.max(1));
-        let buf = Buffer::alloc(dev.buft(), n_slots * dev_slot, &format!("{} expert slots", dev.name()))?;
+        // SAFETY: a buffer type of the registered device (its own or its host one).
+        let buf = unsafe { Buffer::alloc(dev.buft(), n_slots * dev_slot, &format!("{} expert slots", dev.name())) }?;
         buf.clear(0);
         let mut pool = Self::pool_of(dev, Upload::Staged, buf, None, dev_slot);
         pool.slot_owner = vec![usize::MAX; n_slots];

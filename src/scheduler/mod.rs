@@ -20,6 +20,15 @@
 //!
 //! MoE models stream only the experts the router picks: per token and layer
 //! `k` of `n` experts, so `S = Σ_layers k × expert_bytes × (1 − hit rate)`.
+//!
+//! With a GPU (sketch, numbers from the lent H200: disk 2 GB/s, pinned
+//! host→device `P` 55 GB/s, pageable 7–9, RAM 140 GB/s): streamed bytes cross
+//! the disk and then PCIe, so the ceiling is `min(D, P) / S`; PCIe is ~25×
+//! the disk, so RAM-held layers (read once, copied every token at `P`) cost
+//! ~4% of a disk read, and the device needs only two slots (computing,
+//! copying) while reads run `L` layers ahead in host staging. The CPU shape
+//! (FFN/experts on the CPU) instead costs `bytes / M` of CPU compute per
+//! token; the plan estimates both and keeps the faster (see `plan.rs`).
 
 pub mod budget;
 pub mod plan;

@@ -545,7 +545,7 @@ impl Plan {
             let layer_slot = |l: u32| -> u64 { streamed.iter().filter(|t| t.layer == l).map(|t| t.size + DEVICE_SLACK).sum() };
             let dslot = layers.iter().map(|&l| layer_slot(l)).max().unwrap_or(0);
             let left = gp.budget - gpu_base;
-            let n_fit = if dslot == 0 { 0 } else { (left / dslot) as usize };
+            let n_fit = left.checked_div(dslot).unwrap_or(0) as usize;
             if n_fit == 0 {
                 bail!(
                     "GPU budget {} is too small to stream experts: {} resident and {} for one layer's expert slot",
