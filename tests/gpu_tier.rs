@@ -191,3 +191,19 @@ fn inspect_shows_the_gpu_tier() {
     // The embeddings stay in RAM (llama.cpp keeps the input layer on the CPU).
     assert!(s.lines().any(|l| l.contains("token_embd") && l.trim_end().ends_with(" ram")), "{s}");
 }
+
+#[test]
+fn a_full_gpu_falls_back_to_the_cpu() {
+    // Automatic mode with a GPU budget that holds not even the attention:
+    // the plan runs without the GPU instead of refusing.
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.gguf");
+    gen(&m, &["--arch", "llama", "--layers", "4", "--embd", "256", "--ff", "768", "--type", "q8_0", "--seed", "38"]);
+    let o = hypura().args(["inspect", m.to_str().unwrap(), "--json", "--gpu-budget", "64K"]).args(CPU).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["plan"]["gpu"].is_null(), "{}", v["plan"]);
+    let out = dir.path().join("x.logits");
+    let r = report(&run(&m, &out, &["--gpu-budget", "64K", "--gpu-device", "CPU"]));
+    assert!(r["gpu_device"].is_null(), "{r}");
+}

@@ -250,7 +250,13 @@ impl Plan {
             return match (Self::build(input, a, model_bytes), Self::build(input, b, model_bytes)) {
                 (Ok(pa), Ok(pb)) => Ok(if pb.predicted_tps.unwrap_or(0.0) > pa.predicted_tps.unwrap_or(0.0) { pb } else { pa }),
                 (Ok(p), Err(_)) | (Err(_), Ok(p)) => Ok(p),
-                (Err(e), Err(_)) => Err(e),
+                (Err(e), Err(_)) => {
+                    // Not even attention fits the GPU (a busy, shared card):
+                    // run as if there were none rather than refuse.
+                    tracing::warn!("not using the GPU: {e:#}");
+                    let cpu = PlanInput { gpu: None, ..*input };
+                    Self::new(&cpu)
+                }
             };
         }
         let mode = if model_bytes <= input.ram_budget {
