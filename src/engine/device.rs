@@ -152,6 +152,27 @@ impl Device {
         (!b.is_null()).then_some(b)
     }
 
+    /// Host memory to stage copies to this device in: its pinned host buffer
+    /// type; the CPU device's own memory for the CPU device (tests); none
+    /// when the backend has no pinned memory.
+    pub fn staging_buft(&self) -> Option<sys::ggml_backend_buffer_type_t> {
+        match (self.host_buft(), self.kind()) {
+            (Some(hb), _) => Some(hb),
+            (None, Kind::Cpu) => Some(self.buft()),
+            (None, _) => None,
+        }
+    }
+
+    /// Kind as a short label (cpu, gpu, igpu, other).
+    pub fn kind_label(&self) -> &'static str {
+        match self.kind() {
+            Kind::Cpu => "cpu",
+            Kind::Gpu => "gpu",
+            Kind::Igpu => "igpu",
+            Kind::Other => "other",
+        }
+    }
+
     /// Bytes the device needs for `tensor` (quantized rows may be padded:
     /// CUDA pads to 512 columns and its kernels read the padding).
     ///
@@ -251,6 +272,11 @@ impl Buffer {
     }
     pub fn base(&self) -> *mut u8 {
         self.base
+    }
+    /// The first `align`-aligned address of the buffer (host buffers that
+    /// O_DIRECT reads land in are allocated `align` bytes larger).
+    pub fn aligned_base(&self, align: usize) -> *mut u8 {
+        self.base.wrapping_add(self.base.align_offset(align))
     }
     pub fn len(&self) -> usize {
         self.len

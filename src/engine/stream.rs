@@ -436,7 +436,7 @@ impl Streamer {
                 // Host slots: pinned staging memory when staging to a GPU
                 // whose backend has it, else anonymous memory.
                 let pinned = match &gpu {
-                    Some((dev, Upload::Staged)) => dev.host_buft().and_then(|hb| {
+                    Some((dev, Upload::Staged)) => dev.staging_buft().and_then(|hb| {
                         // SAFETY: a buffer type of the registered device (its own or its host one).
                         unsafe { Buffer::alloc(hb, n_slots * s.slot_bytes + ALIGN, "pinned staging") }
                             .map_err(|e| tracing::warn!("no pinned staging ({e:#}): staging in pageable memory"))
@@ -445,7 +445,7 @@ impl Streamer {
                     _ => None,
                 };
                 if let Some(p) = &pinned {
-                    let base = p.base().wrapping_add(p.base().align_offset(ALIGN));
+                    let base = p.aligned_base(ALIGN);
                     let _ = s.reader.register_buffers(&[(base, n_slots * s.slot_bytes)]);
                 } else {
                     let pool = Mapping::new(n_slots * s.slot_bytes, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, false)?;
@@ -578,12 +578,7 @@ impl Streamer {
     /// largest expert (all tensors' pieces). Without pinned memory (or if it
     /// cannot be had) the pageable arena stays the cache.
     fn pinned_expert_cache(&mut self, dev: &Device, plan: &Plan) {
-        // Pinned memory; on the CPU device (tests) its own host memory.
-        let hb = match (dev.host_buft(), dev.kind()) {
-            (Some(hb), _) => hb,
-            (None, super::device::Kind::Cpu) => dev.buft(),
-            (None, _) => return,
-        };
+        let Some(hb) = dev.staging_buft() else { return };
         let slot = self
             .experts
             .iter()
@@ -599,7 +594,7 @@ impl Streamer {
         // SAFETY: a buffer type of the registered device (its own or its host one).
         match unsafe { Buffer::alloc(hb, n * slot + ALIGN, "pinned expert cache") } {
             Ok(buf) => {
-                let base = buf.base().wrapping_add(buf.base().align_offset(ALIGN));
+                let base = buf.aligned_base(ALIGN);
                 let _ = self.reader.register_buffers(&[(base, n * slot)]);
                 for l in self.experts.iter_mut().flatten() {
                     // Accounting in cache slots: the budget is n slots.
@@ -626,11 +621,7 @@ impl Streamer {
             .map(|&l| self.dense[l].as_ref().map_or(0, |d| d.tensors.iter().map(|t| slot_len_for(t.file_offset, t.size)).sum()))
             .collect();
         let total: usize = sizes.iter().sum();
-        let hb = match (dev.host_buft(), dev.kind()) {
-            (Some(hb), _) => hb,
-            (None, super::device::Kind::Cpu) => dev.buft(),
-            (None, _) => return,
-        };
+        let Some(hb) = dev.staging_buft() else { return };
         // SAFETY: a buffer type of the registered device (its own or its host one).
         match unsafe { Buffer::alloc(hb, total + ALIGN, "RAM tier") } {
             Ok(buf) => {
@@ -641,7 +632,7 @@ impl Streamer {
                     }
                     off += n;
                 }
-                let base = buf.base().wrapping_add(buf.base().align_offset(ALIGN));
+                let base = buf.aligned_base(ALIGN);
                 let _ = self.reader.register_buffers(&[(base, total)]);
                 self.ram_tier = Some(buf);
             }
@@ -657,7 +648,7 @@ impl Streamer {
             Some(c) => {
                 let slot = l.cache_slot[e] as usize;
                 debug_assert!(slot != u32::MAX as usize);
-                let base = c.base().wrapping_add(c.base().align_offset(ALIGN));
+                let base = c.aligned_base(ALIGN);
                 let off = t.file_offset + (e * t.expert_bytes) as u64;
                 base.wrapping_add(slot * self.cache_slot_bytes + t.piece_off + slot_offset_for(off))
             }
@@ -930,7 +921,7 @@ impl Streamer {
 
     fn submit_layer(&mut self, layer: usize) -> Result<()> {
         let host_base = self.host_pool_base()?;
-        let ram_base = self.ram_tier.as_ref().map(|b| b.base().wrapping_add(b.base().align_offset(ALIGN)));
+        let ram_base = self.ram_tier.as_ref().map(|b| b.aligned_base(ALIGN));
         let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
         if l.state != LayerState::Idle {
             return Ok(());
@@ -976,7 +967,7 @@ impl Streamer {
     /// Start of the host slots: pinned staging, or the pool mapping.
     fn host_pool_base(&self) -> Result<*mut u8> {
         if let Some(p) = self.gpu.as_ref().and_then(|g| g.pinned.as_ref()) {
-            return Ok(p.base().wrapping_add(p.base().align_offset(ALIGN)));
+            return Ok(p.aligned_base(ALIGN));
         }
         Ok(self.pool.as_ref().context("no pool")?.base())
     }
@@ -1042,7 +1033,7 @@ impl Streamer {
     /// into a free device slot; false when none is free (yet).
     fn dispatch_upload(&mut self, layer: usize) -> Result<bool> {
         let host_base = self.host_pool_base()? as usize;
-        let ram_base = self.ram_tier.as_ref().map(|b| b.base().wrapping_add(b.base().align_offset(ALIGN)) as usize);
+        let ram_base = self.ram_tier.as_ref().map(|b| b.aligned_base(ALIGN) as usize);
         let g = self.gpu.as_mut().context("device pool")?;
         let Some(dev_slot) = g.dev_free.pop() else { return Ok(false) };
         g.next_copy = (self.pos_of[layer] + 1) % self.order.len().max(1);

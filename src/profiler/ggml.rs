@@ -1,80 +1,41 @@
-//! ggml's view of the machine: devices through `ggml_backend_dev_*`, and the CPU features
+//! ggml's view of the machine: devices (through the engine's device layer), and the CPU features
 //! the linked ggml was built for (`ggml_cpu_has_*`). The only FFI of the profiler.
-
-use std::ffi::CStr;
-use std::os::raw::c_char;
 
 use hypura_sys as sys;
 
 use super::GpuProfile;
 
-/// Loads ggml's backends once per process, through the engine's one init.
-fn load_backends() {
-    crate::engine::backend::init();
-}
-
-fn c_string(p: *const c_char) -> String {
-    if p.is_null() {
-        return String::new();
-    }
-    // SAFETY: ggml returns NUL-terminated strings owned by the device, valid for the
-    // process's life; null was excluded above.
-    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
-}
-
-/// Every ggml device: name, kind, memory.
+/// Every ggml device: name, kind, memory, and for a GPU the host→device
+/// copy bandwidth (256 MiB copies, 64 MiB when less than 4 GiB is free, best
+/// of 5, from pinned and from pageable memory).
 pub(crate) fn devices() -> Vec<GpuProfile> {
-    load_backends();
-    // SAFETY: the registry is initialised on first use; the count is a plain query.
-    let n = unsafe { sys::ggml_backend_dev_count() };
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        // SAFETY: i < ggml_backend_dev_count().
-        let dev = unsafe { sys::ggml_backend_dev_get(i) };
-        if dev.is_null() {
-            continue;
-        }
-        let (mut free, mut total) = (0usize, 0usize);
-        // SAFETY: `dev` is a registered device; the out-pointers are valid locals.
-        let (name, desc, ty) = unsafe {
-            sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
-            (
-                sys::ggml_backend_dev_name(dev),
-                sys::ggml_backend_dev_description(dev),
-                sys::ggml_backend_dev_type(dev),
-            )
-        };
-        let kind = match ty {
-            sys::GGML_BACKEND_DEVICE_TYPE_CPU => "cpu",
-            sys::GGML_BACKEND_DEVICE_TYPE_GPU => "gpu",
-            sys::GGML_BACKEND_DEVICE_TYPE_IGPU => "igpu",
-            sys::GGML_BACKEND_DEVICE_TYPE_ACCEL => "accel",
-            _ => "other",
-        };
-        // Host→device bandwidth of a GPU: 256 MiB copies (64 MiB when less
-        // than 4 GiB is free), best of 5, from pinned and from pageable memory.
-        let (mut pinned, mut pageable) = (None, None);
-        if kind == "gpu" || kind == "igpu" {
-            let bytes = if free > 4 << 30 { 256 << 20 } else { 64 << 20 };
-            match crate::engine::device::measure_upload(&crate::engine::device::Device::from_raw(dev), bytes, 5) {
-                Ok((p, g)) => {
-                    pinned = p;
-                    pageable = Some(g);
+    use crate::engine::device::{measure_upload, Device, Kind};
+    Device::all()
+        .into_iter()
+        .map(|d| {
+            let (free, total) = d.memory();
+            let (mut pinned, mut pageable) = (None, None);
+            if matches!(d.kind(), Kind::Gpu | Kind::Igpu) {
+                let bytes = if free > 4 << 30 { 256 << 20 } else { 64 << 20 };
+                match measure_upload(&d, bytes, 5) {
+                    Ok((p, g)) => {
+                        pinned = p;
+                        pageable = Some(g);
+                    }
+                    Err(e) => tracing::warn!("{}: cannot measure host-to-device bandwidth: {e:#}", d.name()),
                 }
-                Err(e) => tracing::warn!("{}: cannot measure host-to-device bandwidth: {e:#}", c_string(name)),
             }
-        }
-        out.push(GpuProfile {
-            name: c_string(name),
-            description: c_string(desc),
-            kind: kind.to_string(),
-            total_bytes: total as u64,
-            free_bytes: free as u64,
-            h2d_pinned_gbps: pinned,
-            h2d_pageable_gbps: pageable,
-        });
-    }
-    out
+            GpuProfile {
+                name: d.name(),
+                description: d.description(),
+                kind: d.kind_label().to_string(),
+                total_bytes: total,
+                free_bytes: free,
+                h2d_pinned_gbps: pinned,
+                h2d_pageable_gbps: pageable,
+            }
+        })
+        .collect()
 }
 
 /// Features the linked ggml CPU backend was compiled with.
