@@ -304,6 +304,13 @@ struct GpuPool {
     next_shared: usize,
 }
 
+impl Drop for GpuPool {
+    fn drop(&mut self) {
+        // The uploader reads the pinned staging: join it before that goes.
+        self.uploader.take();
+    }
+}
+
 /// The staged dense path's copy thread: jobs (layer, slot) in, layers out.
 struct Uploader {
     jobs: Option<SyncSender<(u32, u32, usize)>>,
