@@ -150,6 +150,7 @@ fn main() {
         let mut decodes = 0usize;
         let keep_rows = check.is_some();
         let t1 = Instant::now();
+        let mut decode_secs = 0f64;
         for i in 0..n_gen {
             let p = sys::llama_get_logits_ith(ctx, -1);
             let logits = std::slice::from_raw_parts(p, n_vocab);
@@ -163,7 +164,9 @@ fn main() {
             out.push(tok);
             if i + 1 < n_gen {
                 let mut one = [tok];
+                let td = Instant::now();
                 let rc = sys::llama_decode(ctx, sys::llama_batch_get_one(one.as_mut_ptr(), 1));
+                decode_secs += td.elapsed().as_secs_f64();
                 assert_eq!(rc, 0, "decode failed");
                 decodes += 1;
             }
@@ -198,9 +201,10 @@ fn main() {
             );
         }
         println!(
-            "{{\"devices\":{:?},\"ngl\":{},\"load_secs\":{:.3},\"prompt_tokens\":{},\"prompt_tps\":{:.2},\"gen_tokens\":{},\"gen_tps\":{:.3},\"tokens\":{:?}{}}}",
+            "{{\"devices\":{:?},\"ngl\":{},\"decode_ms_per_token\":{:.4},\"load_secs\":{:.3},\"prompt_tokens\":{},\"prompt_tps\":{:.2},\"gen_tokens\":{},\"gen_tps\":{:.3},\"tokens\":{:?}{}}}",
             devs,
             ngl,
+            decode_secs * 1e3 / decodes.max(1) as f64,
             load_secs,
             toks.len(),
             toks.len() as f64 / prompt_secs,

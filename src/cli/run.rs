@@ -294,6 +294,9 @@ pub struct RunReport {
     pub prompt_tps: f64,
     pub gen_tokens: usize,
     pub gen_tps: f64,
+    /// Milliseconds per generated token inside llama.cpp's decode; the rest
+    /// of a token's time is Hypura's loop (sampling, output).
+    pub decode_ms_per_token: f64,
     pub ram_budget_bytes: u64,
     pub resident_bytes: u64,
     pub streamed_bytes: u64,
@@ -340,6 +343,7 @@ impl RunReport {
             prompt_tps: stats.prompt_tps(),
             gen_tokens: stats.gen_tokens,
             gen_tps: stats.gen_tps(),
+            decode_ms_per_token: stats.gen_decode_secs * 1e3 / per_tok,
             ram_budget_bytes: plan.ram_budget,
             resident_bytes: plan.resident_bytes,
             streamed_bytes: plan.streamed_bytes,

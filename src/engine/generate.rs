@@ -18,6 +18,9 @@ pub struct GenStats {
     /// Decodes of generated tokens (the last token is decoded only in chat).
     pub gen_decodes: usize,
     pub gen_secs: f64,
+    /// Of `gen_secs`, the time inside llama.cpp's decode (the rest is
+    /// sampling, detokenising and output).
+    pub gen_decode_secs: f64,
 }
 
 impl GenStats {
@@ -33,6 +36,7 @@ impl GenStats {
         self.gen_tokens += o.gen_tokens;
         self.gen_decodes += o.gen_decodes;
         self.gen_secs += o.gen_secs;
+        self.gen_decode_secs += o.gen_decode_secs;
     }
 }
 
@@ -91,7 +95,9 @@ pub fn generate(
         }
         let last = i + 1 == req.max_tokens;
         if !last || req.decode_last {
+            let td = Instant::now();
             ctx.decode(&[tok])?;
+            stats.gen_decode_secs += td.elapsed().as_secs_f64();
             stats.gen_decodes += 1;
         }
     }
