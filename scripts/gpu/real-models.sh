@@ -6,6 +6,12 @@
 # logits row, and max |diff|), and generation tok/s, median of REPEATS
 # alternating runs of N_TOKENS.
 #
+# A call carries at most 64 MiB: split each model here (`split -n 4 -d
+# models/gemma-3-270m-q4_k_m.gguf .m3/gem.` etc., one ignored folder per
+# piece), carry the pieces in back-to-back calls that append them to /tmp on
+# the warm machine, `cat` them together and check sha256 against
+# models/fetch.sh before running this.
+#
 #   bash scripts/gpu/real-models.sh BUNDLE_DIR MODEL.gguf...
 # Env: N_TOKENS (128), REPEATS (7).
 set -uo pipefail
