@@ -63,11 +63,11 @@ pub fn argmax(v: &[f32]) -> usize {
             m = x;
         }
     }
-    if !(m > f32::NEG_INFINITY) {
+    if m == f32::NEG_INFINITY {
         return 0;
     }
     for (ci, c) in v.chunks(L).enumerate() {
-        if c.iter().any(|&x| x == m) {
+        if c.contains(&m) {
             return ci * L + c.iter().position(|&x| x == m).unwrap_or(0);
         }
     }

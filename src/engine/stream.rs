@@ -473,7 +473,7 @@ impl Streamer {
                             // SAFETY: the pool mapping lives as long as the streamer (the
                             // buffer is dropped first: field order of GpuPool inside Streamer).
                             let buf = unsafe { Buffer::from_host(&dev, pool.base(), pool.len, max_tensor) }?;
-                            Self::pool_of(dev, upload, buf, None, 0)
+                            Self::pool_of(upload, buf, None, 0)
                         }
                     });
                     let raw = s.gpu.as_ref().map(|g| g.buf.raw()).unwrap_or(std::ptr::null_mut());
@@ -562,7 +562,7 @@ impl Streamer {
                         _ => {
                             // SAFETY: the arena lives as long as the streamer.
                             let buf = unsafe { Buffer::from_host(&dev, arena.base(), arena.len, max_tensor) }?;
-                            Self::pool_of(dev, upload, buf, None, 0)
+                            Self::pool_of(upload, buf, None, 0)
                         }
                     };
                     let raw = pool.buf.raw();
@@ -663,8 +663,7 @@ impl Streamer {
         }
     }
 
-    fn pool_of(dev: Device, upload: Upload, buf: Buffer, pinned: Option<Buffer>, dev_slot_bytes: usize) -> GpuPool {
-        let _ = dev;
+    fn pool_of(upload: Upload, buf: Buffer, pinned: Option<Buffer>, dev_slot_bytes: usize) -> GpuPool {
         GpuPool {
             upload,
             buf: Arc::new(buf),
@@ -706,7 +705,7 @@ impl Streamer {
             table[i] = l.tensors.iter().map(|t| (t.in_slot + slot_offset_for(t.file_offset), t.dev_off, t.size, t.dev_pad)).collect();
         }
 
-        let mut pool = Self::pool_of(dev, Upload::Staged, buf, pinned, dev_slot);
+        let mut pool = Self::pool_of(Upload::Staged, buf, pinned, dev_slot);
         pool.guard_off = guard_off;
         pool.dev_free = (0..n_slots).rev().collect();
         let (job_tx, job_rx) = sync_channel::<(u32, u32, usize)>(n_slots + 1);
@@ -753,7 +752,7 @@ impl Streamer {
         // SAFETY: a buffer type of the registered device (its own or its host one).
         let buf = unsafe { Buffer::alloc(dev.buft(), n_slots * dev_slot, &format!("{} expert slots", dev.name())) }?;
         buf.clear(0);
-        let mut pool = Self::pool_of(dev, Upload::Staged, buf, None, dev_slot);
+        let mut pool = Self::pool_of(Upload::Staged, buf, None, dev_slot);
         pool.slot_owner = vec![usize::MAX; n_slots];
         pool.slot_valid = vec![vec![false; max_n]; n_slots];
         let mut next = 0usize;
