@@ -45,12 +45,18 @@ fn argmax(v: &[f32]) -> usize {
 
 fn read_logits(path: &str) -> (usize, Vec<Vec<f32>>) {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    assert!(b.len() >= 24 && &b[..8] == b"HYPLOGIT", "{path}: not a HYPLOGIT file");
+    assert!(
+        b.len() >= 24 && &b[..8] == b"HYPLOGIT",
+        "{path}: not a HYPLOGIT file"
+    );
     let vocab = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
     let rows = u64::from_le_bytes(b[16..24].try_into().unwrap()) as usize;
     let body = &b[24..];
     assert_eq!(body.len(), rows * vocab * 4, "{path}: truncated");
-    let all: Vec<f32> = body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let all: Vec<f32> = body
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (vocab, all.chunks(vocab).map(|r| r.to_vec()).collect())
 }
 
@@ -65,7 +71,9 @@ fn main() {
     let mut ngl = -1i32;
     let mut n_ctx = 4096u32;
     let mut n_batch = 512u32;
-    let mut threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32;
+    let mut threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as i32;
     let mut check: Option<String> = None;
     let mut n_cpu_moe = 0usize;
     let mut i = 3;
@@ -94,7 +102,11 @@ fn main() {
         let mut devs = Vec::new();
         for d in 0..sys::ggml_backend_dev_count() {
             let dev = sys::ggml_backend_dev_get(d);
-            devs.push(std::ffi::CStr::from_ptr(sys::ggml_backend_dev_name(dev)).to_string_lossy().into_owned());
+            devs.push(
+                std::ffi::CStr::from_ptr(sys::ggml_backend_dev_name(dev))
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
 
         let t_load = Instant::now();
@@ -107,9 +119,17 @@ fn main() {
             .collect();
         let cpu_dev = sys::ggml_backend_dev_by_type(sys::GGML_BACKEND_DEVICE_TYPE_CPU);
         let cpu_buft = sys::ggml_backend_dev_buffer_type(cpu_dev);
-        let mut overrides: Vec<sys::llama_model_tensor_buft_override> =
-            patterns.iter().map(|p| sys::llama_model_tensor_buft_override { pattern: p.as_ptr(), buft: cpu_buft }).collect();
-        overrides.push(sys::llama_model_tensor_buft_override { pattern: std::ptr::null(), buft: std::ptr::null_mut() });
+        let mut overrides: Vec<sys::llama_model_tensor_buft_override> = patterns
+            .iter()
+            .map(|p| sys::llama_model_tensor_buft_override {
+                pattern: p.as_ptr(),
+                buft: cpu_buft,
+            })
+            .collect();
+        overrides.push(sys::llama_model_tensor_buft_override {
+            pattern: std::ptr::null(),
+            buft: std::ptr::null_mut(),
+        });
         if n_cpu_moe > 0 {
             mp.tensor_buft_overrides = overrides.as_ptr();
         }
@@ -133,14 +153,25 @@ fn main() {
         let load_secs = t_load.elapsed().as_secs_f64();
 
         let mut toks = vec![0i32; prompt.len() + 8];
-        let n = sys::llama_tokenize(vocab, prompt.as_ptr().cast(), prompt.len() as i32, toks.as_mut_ptr(), toks.len() as i32, true, false);
+        let n = sys::llama_tokenize(
+            vocab,
+            prompt.as_ptr().cast(),
+            prompt.len() as i32,
+            toks.as_mut_ptr(),
+            toks.len() as i32,
+            true,
+            false,
+        );
         assert!(n > 0, "tokenize failed ({n})");
         toks.truncate(n as usize);
 
         let t0 = Instant::now();
         for chunk in toks.chunks(n_batch as usize) {
             let mut c = chunk.to_vec();
-            let rc = sys::llama_decode(ctx, sys::llama_batch_get_one(c.as_mut_ptr(), c.len() as i32));
+            let rc = sys::llama_decode(
+                ctx,
+                sys::llama_batch_get_one(c.as_mut_ptr(), c.len() as i32),
+            );
             assert_eq!(rc, 0, "prompt decode failed");
         }
         let prompt_secs = t0.elapsed().as_secs_f64();

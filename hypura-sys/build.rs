@@ -14,7 +14,8 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
 
     let root = PathBuf::from(
-        env::var("DEP_LLAMA_ROOT").expect("DEP_LLAMA_ROOT is not set: llama-cpp-sys-2 must be a dependency"),
+        env::var("DEP_LLAMA_ROOT")
+            .expect("DEP_LLAMA_ROOT is not set: llama-cpp-sys-2 must be a dependency"),
     );
     let cache_path = root.join("build").join("CMakeCache.txt");
     let cache = fs::read_to_string(&cache_path)
@@ -26,7 +27,11 @@ fn main() {
         .unwrap_or_else(|| panic!("ggml_SOURCE_DIR not found in {}", cache_path.display()));
 
     let impl_header = ggml_src.join("src").join("ggml-backend-impl.h");
-    assert!(impl_header.is_file(), "{} is missing", impl_header.display());
+    assert!(
+        impl_header.is_file(),
+        "{} is missing",
+        impl_header.display()
+    );
     println!("cargo:rerun-if-changed={}", impl_header.display());
 
     let mut build = cc::Build::new();

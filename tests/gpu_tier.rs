@@ -29,7 +29,10 @@ fn same_as(want: &[u8], m: &Path, dir: &Path, tag: &str, extra: &[&str]) -> serd
     let r = report(&run(m, &out, &args));
     assert_eq!(r["gpu_device"], "CPU", "{tag}: {r}");
     let got = std::fs::read(&out).unwrap();
-    assert!(got.len() > 24 && got == want, "{tag}: logits differ from the resident run ({r})");
+    assert!(
+        got.len() > 24 && got == want,
+        "{tag}: logits differ from the resident run ({r})"
+    );
     r
 }
 
@@ -38,12 +41,52 @@ fn gpu_dense_staged_and_direct_match_resident() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("dense.gguf");
     // embd 576: rows not a multiple of 512 (the padding CUDA reserves).
-    gen(&m, &["--arch", "llama", "--layers", "6", "--embd", "576", "--ff", "1536", "--heads", "9", "--heads-kv", "3", "--type", "q4_0", "--seed", "31"]);
+    gen(
+        &m,
+        &[
+            "--arch",
+            "llama",
+            "--layers",
+            "6",
+            "--embd",
+            "576",
+            "--ff",
+            "1536",
+            "--heads",
+            "9",
+            "--heads-kv",
+            "3",
+            "--type",
+            "q4_0",
+            "--seed",
+            "31",
+        ],
+    );
     let want = resident(&m, dir.path());
     for (up, la) in [("staged", "0"), ("staged", "2"), ("direct", "1")] {
-        let r = same_as(&want, &m, dir.path(), &format!("{up}{la}"), &["--mode", "gpu-dense", "--gpu-upload", up, "--gpu-budget", "9M", "--ram-budget", "6M", "--lookahead", la]);
+        let r = same_as(
+            &want,
+            &m,
+            dir.path(),
+            &format!("{up}{la}"),
+            &[
+                "--mode",
+                "gpu-dense",
+                "--gpu-upload",
+                up,
+                "--gpu-budget",
+                "9M",
+                "--ram-budget",
+                "6M",
+                "--lookahead",
+                la,
+            ],
+        );
         assert_eq!(r["mode"], "gpu-dense", "{r}");
-        assert!(r["streamed_layers"].as_u64().unwrap() > 0, "nothing streamed: {r}");
+        assert!(
+            r["streamed_layers"].as_u64().unwrap() > 0,
+            "nothing streamed: {r}"
+        );
         let read = r["read_bytes_per_token"].as_f64().unwrap();
         assert!(read > 0.0, "{r}");
         let copied = r["upload_bytes_per_token"].as_f64().unwrap();
@@ -53,7 +96,10 @@ fn gpu_dense_staged_and_direct_match_resident() {
             assert_eq!(copied, 0.0, "direct copies nothing: {r}");
         }
         let pool = r["gpu_pool_bytes"].as_u64().unwrap();
-        assert!(r["gpu_resident_bytes"].as_u64().unwrap() + pool <= 9 << 20, "over the GPU budget: {r}");
+        assert!(
+            r["gpu_resident_bytes"].as_u64().unwrap() + pool <= 9 << 20,
+            "over the GPU budget: {r}"
+        );
     }
 }
 
@@ -63,34 +109,121 @@ fn gpu_dense_ram_tier_matches_resident() {
     // device every token, read from disk no more.
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("dense.gguf");
-    gen(&m, &["--arch", "llama", "--layers", "6", "--embd", "576", "--ff", "1536", "--heads", "9", "--heads-kv", "3", "--type", "q4_0", "--seed", "37"]);
+    gen(
+        &m,
+        &[
+            "--arch",
+            "llama",
+            "--layers",
+            "6",
+            "--embd",
+            "576",
+            "--ff",
+            "1536",
+            "--heads",
+            "9",
+            "--heads-kv",
+            "3",
+            "--type",
+            "q4_0",
+            "--seed",
+            "37",
+        ],
+    );
     let want = resident(&m, dir.path());
     let mut read = Vec::new();
     for rb in ["6M", "9M", "200M"] {
-        let r = same_as(&want, &m, dir.path(), rb, &["--mode", "gpu-dense", "--gpu-upload", "staged", "--gpu-budget", "9M", "--ram-budget", rb, "--lookahead", "1"]);
+        let r = same_as(
+            &want,
+            &m,
+            dir.path(),
+            rb,
+            &[
+                "--mode",
+                "gpu-dense",
+                "--gpu-upload",
+                "staged",
+                "--gpu-budget",
+                "9M",
+                "--ram-budget",
+                rb,
+                "--lookahead",
+                "1",
+            ],
+        );
         assert!(r["upload_bytes_per_token"].as_f64().unwrap() > 0.0, "{r}");
         read.push(r["read_bytes_per_token"].as_f64().unwrap());
     }
-    assert!(read[0] > read[1] && read[2] == 0.0, "more RAM, fewer disk reads, none when every layer fits: {read:?}");
+    assert!(
+        read[0] > read[1] && read[2] == 0.0,
+        "more RAM, fewer disk reads, none when every layer fits: {read:?}"
+    );
 }
 
 #[test]
 fn gpu_dense_real_model_matches_resident() {
-    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let want = resident(&m, dir.path());
-    same_as(&want, &m, dir.path(), "staged", &["--mode", "gpu-dense", "--gpu-upload", "staged", "--gpu-budget", "70M", "--lookahead", "2"]);
+    same_as(
+        &want,
+        &m,
+        dir.path(),
+        "staged",
+        &[
+            "--mode",
+            "gpu-dense",
+            "--gpu-upload",
+            "staged",
+            "--gpu-budget",
+            "70M",
+            "--lookahead",
+            "2",
+        ],
+    );
 }
 
 #[test]
 fn gpu_experts_slots_match_resident() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("moe.gguf");
-    gen(&m, &["--arch", "qwen3moe", "--layers", "6", "--embd", "320", "--experts", "16", "--experts-used", "4", "--ff-exp", "256", "--type", "q4_0", "--seed", "32"]);
+    gen(
+        &m,
+        &[
+            "--arch",
+            "qwen3moe",
+            "--layers",
+            "6",
+            "--embd",
+            "320",
+            "--experts",
+            "16",
+            "--experts-used",
+            "4",
+            "--ff-exp",
+            "256",
+            "--type",
+            "q4_0",
+            "--seed",
+            "32",
+        ],
+    );
     let want = resident(&m, dir.path());
     let plan = |budget: &str| {
         let o = hypura()
-            .args(["inspect", m.to_str().unwrap(), "--json", "--mode", "gpu-experts", "--gpu-upload", "staged", "--gpu-budget", budget])
+            .args([
+                "inspect",
+                m.to_str().unwrap(),
+                "--json",
+                "--mode",
+                "gpu-experts",
+                "--gpu-upload",
+                "staged",
+                "--gpu-budget",
+                budget,
+            ])
             .args(CPU)
             .output()
             .unwrap();
@@ -102,12 +235,35 @@ fn gpu_experts_slots_match_resident() {
     let small = plan("5M");
     let n_slots = small["n_slots"].as_u64().unwrap();
     assert!((1..6).contains(&n_slots), "{small}");
-    assert_eq!(small["dedicated_layers"].as_array().unwrap().len() as u64, n_slots - 1, "{small}");
+    assert_eq!(
+        small["dedicated_layers"].as_array().unwrap().len() as u64,
+        n_slots - 1,
+        "{small}"
+    );
     // A large one: every layer has its slot.
     let large = plan("64M");
-    assert_eq!(large["dedicated_layers"].as_array().unwrap().len(), 6, "{large}");
+    assert_eq!(
+        large["dedicated_layers"].as_array().unwrap().len(),
+        6,
+        "{large}"
+    );
     for (tag, budget) in [("shared", "5M"), ("dedicated", "64M")] {
-        let r = same_as(&want, &m, dir.path(), tag, &["--mode", "gpu-experts", "--gpu-upload", "staged", "--gpu-budget", budget, "--ram-budget", "24M"]);
+        let r = same_as(
+            &want,
+            &m,
+            dir.path(),
+            tag,
+            &[
+                "--mode",
+                "gpu-experts",
+                "--gpu-upload",
+                "staged",
+                "--gpu-budget",
+                budget,
+                "--ram-budget",
+                "24M",
+            ],
+        );
         assert_eq!(r["mode"], "gpu-experts", "{r}");
         let copied = r["upload_bytes_per_token"].as_f64().unwrap();
         let hits = r["gpu_expert_hits_per_token"].as_f64().unwrap();
@@ -120,9 +276,42 @@ fn gpu_experts_slots_match_resident() {
     }
     // A RAM cache smaller than the experts: the (pinned on a GPU) cache
     // evicts and re-reads while the shared slot cycles.
-    let r = same_as(&want, &m, dir.path(), "evicting", &["--mode", "gpu-experts", "--gpu-upload", "staged", "--gpu-budget", "5M", "--ram-budget", "4M"]);
-    assert!(r["read_bytes_per_token"].as_f64().unwrap() > 0.0, "the small cache reads while generating: {r}");
-    let r = same_as(&want, &m, dir.path(), "direct", &["--mode", "gpu-experts", "--gpu-upload", "direct", "--gpu-budget", "64M", "--ram-budget", "24M"]);
+    let r = same_as(
+        &want,
+        &m,
+        dir.path(),
+        "evicting",
+        &[
+            "--mode",
+            "gpu-experts",
+            "--gpu-upload",
+            "staged",
+            "--gpu-budget",
+            "5M",
+            "--ram-budget",
+            "4M",
+        ],
+    );
+    assert!(
+        r["read_bytes_per_token"].as_f64().unwrap() > 0.0,
+        "the small cache reads while generating: {r}"
+    );
+    let r = same_as(
+        &want,
+        &m,
+        dir.path(),
+        "direct",
+        &[
+            "--mode",
+            "gpu-experts",
+            "--gpu-upload",
+            "direct",
+            "--gpu-budget",
+            "64M",
+            "--ram-budget",
+            "24M",
+        ],
+    );
     assert_eq!(r["upload_bytes_per_token"].as_f64().unwrap(), 0.0, "{r}");
 }
 
@@ -132,30 +321,119 @@ fn cpu_shape_matches_resident() {
     // rest on the device) on the CPU device: same kernels, same logits.
     let dir = tempfile::tempdir().unwrap();
     let moe = dir.path().join("mixtral.gguf");
-    gen(&moe, &["--arch", "mixtral", "--layers", "4", "--embd", "256", "--experts", "8", "--experts-used", "2", "--ff-exp", "512", "--type", "q8_0", "--seed", "33"]);
+    gen(
+        &moe,
+        &[
+            "--arch",
+            "mixtral",
+            "--layers",
+            "4",
+            "--embd",
+            "256",
+            "--experts",
+            "8",
+            "--experts-used",
+            "2",
+            "--ff-exp",
+            "512",
+            "--type",
+            "q8_0",
+            "--seed",
+            "33",
+        ],
+    );
     let want = resident(&moe, dir.path());
-    let r = same_as(&want, &moe, dir.path(), "experts", &["--mode", "experts", "--gpu-budget", "8M", "--ram-budget", "12M"]);
+    let r = same_as(
+        &want,
+        &moe,
+        dir.path(),
+        "experts",
+        &[
+            "--mode",
+            "experts",
+            "--gpu-budget",
+            "8M",
+            "--ram-budget",
+            "12M",
+        ],
+    );
     assert_eq!(r["mode"], "experts", "{r}");
     let dense = dir.path().join("llama.gguf");
-    gen(&dense, &["--arch", "llama", "--layers", "6", "--embd", "512", "--ff", "1536", "--type", "q8_0", "--seed", "34"]);
+    gen(
+        &dense,
+        &[
+            "--arch", "llama", "--layers", "6", "--embd", "512", "--ff", "1536", "--type", "q8_0",
+            "--seed", "34",
+        ],
+    );
     let want = resident(&dense, dir.path());
-    let r = same_as(&want, &dense, dir.path(), "dense", &["--mode", "dense", "--gpu-budget", "16M", "--ram-budget", "12M", "--lookahead", "1"]);
+    let r = same_as(
+        &want,
+        &dense,
+        dir.path(),
+        "dense",
+        &[
+            "--mode",
+            "dense",
+            "--gpu-budget",
+            "16M",
+            "--ram-budget",
+            "12M",
+            "--lookahead",
+            "1",
+        ],
+    );
     assert_eq!(r["mode"], "dense", "{r}");
-    assert!(r["pinned_layers"].as_u64().unwrap() > 0 && r["streamed_layers"].as_u64().unwrap() > 0, "pinned in RAM and streamed: {r}");
+    assert!(
+        r["pinned_layers"].as_u64().unwrap() > 0 && r["streamed_layers"].as_u64().unwrap() > 0,
+        "pinned in RAM and streamed: {r}"
+    );
 }
 
 #[test]
 fn gpu_errors_are_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.gguf");
-    gen(&m, &["--arch", "llama", "--layers", "4", "--embd", "256", "--ff", "768", "--type", "q8_0", "--seed", "35"]);
+    gen(
+        &m,
+        &[
+            "--arch", "llama", "--layers", "4", "--embd", "256", "--ff", "768", "--type", "q8_0",
+            "--seed", "35",
+        ],
+    );
     let m = m.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["--mode", "gpu-dense", "--gpu-budget", "0"], "no GPU"),
-        (&["--mode", "gpu-dense", "--gpu-device", "NoSuchDevice"], "no ggml device named"),
-        (&["--mode", "gpu-dense", "--gpu-device", "CPU", "--gpu-budget", "100K"], "GPU budget"),
-        (&["--mode", "gpu-experts", "--gpu-device", "CPU", "--gpu-budget", "8M"], "no MoE expert tensors"),
-        (&["--gpu-device", "CPU", "--gpu-budget", "100000G"], "never takes more"),
+        (
+            &["--mode", "gpu-dense", "--gpu-device", "NoSuchDevice"],
+            "no ggml device named",
+        ),
+        (
+            &[
+                "--mode",
+                "gpu-dense",
+                "--gpu-device",
+                "CPU",
+                "--gpu-budget",
+                "100K",
+            ],
+            "GPU budget",
+        ),
+        (
+            &[
+                "--mode",
+                "gpu-experts",
+                "--gpu-device",
+                "CPU",
+                "--gpu-budget",
+                "8M",
+            ],
+            "no MoE expert tensors",
+        ),
+        (
+            &["--gpu-device", "CPU", "--gpu-budget", "100000G"],
+            "never takes more",
+        ),
     ];
     for (args, want) in cases {
         for cmd in ["inspect", "run"] {
@@ -167,8 +445,15 @@ fn gpu_errors_are_one_line() {
             let o = c.args(*args).output().unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert!(!o.status.success(), "{cmd} {args:?} succeeded");
-            assert!(err.contains(want), "{cmd} {args:?}: expected '{want}' in: {err}");
-            assert_eq!(err.lines().filter(|l| l.starts_with("error")).count(), 1, "{cmd} {args:?}: {err}");
+            assert!(
+                err.contains(want),
+                "{cmd} {args:?}: expected '{want}' in: {err}"
+            );
+            assert_eq!(
+                err.lines().filter(|l| l.starts_with("error")).count(),
+                1,
+                "{cmd} {args:?}: {err}"
+            );
             assert!(!err.contains("panicked"), "{err}");
         }
     }
@@ -178,18 +463,48 @@ fn gpu_errors_are_one_line() {
 fn inspect_shows_the_gpu_tier() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.gguf");
-    gen(&m, &["--arch", "llama", "--layers", "6", "--embd", "512", "--ff", "1536", "--type", "q8_0", "--seed", "36"]);
+    gen(
+        &m,
+        &[
+            "--arch", "llama", "--layers", "6", "--embd", "512", "--ff", "1536", "--type", "q8_0",
+            "--seed", "36",
+        ],
+    );
     let o = hypura()
-        .args(["inspect", m.to_str().unwrap(), "--tensors", "--gpu-device", "CPU", "--gpu-upload", "staged", "--gpu-budget", "14M", "--ram-budget", "8M", "--mode", "gpu-dense"])
+        .args([
+            "inspect",
+            m.to_str().unwrap(),
+            "--tensors",
+            "--gpu-device",
+            "CPU",
+            "--gpu-upload",
+            "staged",
+            "--gpu-budget",
+            "14M",
+            "--ram-budget",
+            "8M",
+            "--mode",
+            "gpu-dense",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("gpu-dense") && s.contains("resident (GPU)") && s.contains("pool (GPU)"), "{s}");
+    assert!(
+        s.contains("gpu-dense") && s.contains("resident (GPU)") && s.contains("pool (GPU)"),
+        "{s}"
+    );
     let tiers = |t: &str| s.lines().filter(|l| l.trim_end().ends_with(t)).count();
-    assert!(tiers(" gpu") > 0 && tiers(" nvme") > 0 && tiers(" ram") > 0, "gpu, nvme and ram tiers: {s}");
+    assert!(
+        tiers(" gpu") > 0 && tiers(" nvme") > 0 && tiers(" ram") > 0,
+        "gpu, nvme and ram tiers: {s}"
+    );
     // The embeddings stay in RAM (llama.cpp keeps the input layer on the CPU).
-    assert!(s.lines().any(|l| l.contains("token_embd") && l.trim_end().ends_with(" ram")), "{s}");
+    assert!(
+        s.lines()
+            .any(|l| l.contains("token_embd") && l.trim_end().ends_with(" ram")),
+        "{s}"
+    );
 }
 
 #[test]
@@ -198,12 +513,32 @@ fn a_full_gpu_falls_back_to_the_cpu() {
     // the plan runs without the GPU instead of refusing.
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m.gguf");
-    gen(&m, &["--arch", "llama", "--layers", "4", "--embd", "256", "--ff", "768", "--type", "q8_0", "--seed", "38"]);
-    let o = hypura().args(["inspect", m.to_str().unwrap(), "--json", "--gpu-budget", "64K"]).args(CPU).output().unwrap();
+    gen(
+        &m,
+        &[
+            "--arch", "llama", "--layers", "4", "--embd", "256", "--ff", "768", "--type", "q8_0",
+            "--seed", "38",
+        ],
+    );
+    let o = hypura()
+        .args([
+            "inspect",
+            m.to_str().unwrap(),
+            "--json",
+            "--gpu-budget",
+            "64K",
+        ])
+        .args(CPU)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["plan"]["gpu"].is_null(), "{}", v["plan"]);
     let out = dir.path().join("x.logits");
-    let r = report(&run(&m, &out, &["--gpu-budget", "64K", "--gpu-device", "CPU"]));
+    let r = report(&run(
+        &m,
+        &out,
+        &["--gpu-budget", "64K", "--gpu-device", "CPU"],
+    ));
     assert!(r["gpu_device"].is_null(), "{r}");
 }

@@ -26,7 +26,12 @@ struct Reference {
 
 /// Greedy generation with plain llama.cpp calls (default model params).
 fn reference_run(path: &Path, prompt: &str) -> Reference {
-    unsafe extern "C" fn quiet(_: sys::ggml_log_level, _: *const std::os::raw::c_char, _: *mut std::os::raw::c_void) {}
+    unsafe extern "C" fn quiet(
+        _: sys::ggml_log_level,
+        _: *const std::os::raw::c_char,
+        _: *mut std::os::raw::c_void,
+    ) {
+    }
     unsafe {
         sys::llama_log_set(Some(quiet), std::ptr::null_mut());
         sys::ggml_log_set(Some(quiet), std::ptr::null_mut());
@@ -49,10 +54,21 @@ fn reference_run(path: &Path, prompt: &str) -> Reference {
         assert!(!ctx.is_null());
 
         let mut toks = vec![0i32; prompt.len() + 8];
-        let n = sys::llama_tokenize(vocab, prompt.as_ptr().cast(), prompt.len() as i32, toks.as_mut_ptr(), toks.len() as i32, true, false);
+        let n = sys::llama_tokenize(
+            vocab,
+            prompt.as_ptr().cast(),
+            prompt.len() as i32,
+            toks.as_mut_ptr(),
+            toks.len() as i32,
+            true,
+            false,
+        );
         assert!(n > 0);
         toks.truncate(n as usize);
-        assert_eq!(sys::llama_decode(ctx, sys::llama_batch_get_one(toks.as_mut_ptr(), n)), 0);
+        assert_eq!(
+            sys::llama_decode(ctx, sys::llama_batch_get_one(toks.as_mut_ptr(), n)),
+            0
+        );
 
         let mut out = Vec::new();
         let mut first_logits = Vec::new();
@@ -73,29 +89,55 @@ fn reference_run(path: &Path, prompt: &str) -> Reference {
             }
             out.push(tok);
             if step + 1 < STEPS {
-                assert_eq!(sys::llama_decode(ctx, sys::llama_batch_get_one(&mut tok, 1)), 0);
+                assert_eq!(
+                    sys::llama_decode(ctx, sys::llama_batch_get_one(&mut tok, 1)),
+                    0
+                );
             }
         }
         sys::llama_free(ctx);
         sys::llama_model_free(model);
-        Reference { tokens: out, first_logits }
+        Reference {
+            tokens: out,
+            first_logits,
+        }
     }
 }
 
 fn hypura_run(path: &Path, prompt: &str, out: &Path) -> Logits {
     let o = common::hypura()
-        .args(["run", path.to_str().unwrap(), "--prompt", prompt, "--temp", "0"])
-        .args(["--max-tokens", &STEPS.to_string(), "--threads", &THREADS.to_string(), "--ctx", &N_CTX.to_string()])
+        .args([
+            "run",
+            path.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--temp",
+            "0",
+        ])
+        .args([
+            "--max-tokens",
+            &STEPS.to_string(),
+            "--threads",
+            &THREADS.to_string(),
+            "--ctx",
+            &N_CTX.to_string(),
+        ])
         .arg("--logits-out")
         .arg(out)
         .output()
         .unwrap();
-    assert!(o.status.success(), "hypura run failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "hypura run failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Logits::read(out).unwrap()
 }
 
 fn check_model(file: &str) {
-    let Some(path) = common::model(file) else { return };
+    let Some(path) = common::model(file) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for (i, prompt) in PROMPTS.iter().enumerate() {
         let reference = reference_run(&path, prompt);
@@ -104,12 +146,24 @@ fn check_model(file: &str) {
         // row than tokens (the EOG row itself).
         let mut tokens = got.argmax_tokens();
         tokens.truncate(reference.tokens.len());
-        assert_eq!(tokens, reference.tokens, "{file}: greedy tokens differ for prompt {i}");
-        assert!(!reference.tokens.is_empty(), "{file}: reference generated nothing for prompt {i}");
+        assert_eq!(
+            tokens, reference.tokens,
+            "{file}: greedy tokens differ for prompt {i}"
+        );
+        assert!(
+            !reference.tokens.is_empty(),
+            "{file}: reference generated nothing for prompt {i}"
+        );
         let first = &got.rows[0];
         assert_eq!(first.len(), reference.first_logits.len());
-        let same = first.iter().zip(&reference.first_logits).all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "{file}: first-step logits are not bit-identical for prompt {i}");
+        let same = first
+            .iter()
+            .zip(&reference.first_logits)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{file}: first-step logits are not bit-identical for prompt {i}"
+        );
     }
 }
 

@@ -10,7 +10,10 @@ use hypura::gguf::{GgufFile, MetaValue, TensorRole};
 
 /// Runs the real binary; panics with its output unless it succeeds.
 fn hypura(args: &[&str]) -> String {
-    let out = common::hypura().args(args).output().expect("failed to start the hypura binary");
+    let out = common::hypura()
+        .args(args)
+        .output()
+        .expect("failed to start the hypura binary");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{anyhow, Result};
-use plotters::prelude::*;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use super::config::Kind;
@@ -57,7 +57,11 @@ impl ChartData {
                     if let Some(p) = s.predicted_tps.filter(|p| p.is_finite() && *p > 0.0) {
                         d.predicted.push((x, p));
                     }
-                    if let Some(c) = s.disk_ceiling_tps.or(s.ceiling_tps).filter(|c| c.is_finite() && *c > 0.0) {
+                    if let Some(c) = s
+                        .disk_ceiling_tps
+                        .or(s.ceiling_tps)
+                        .filter(|c| c.is_finite() && *c > 0.0)
+                    {
                         d.ceiling.push((x, c));
                     }
                 }
@@ -69,7 +73,10 @@ impl ChartData {
                 _ => {}
             }
             if s.gen_tps.is_none() && s.runs > 0 {
-                d.failed.push((s.label.clone(), s.errors.first().cloned().unwrap_or_else(|| "failed".into())));
+                d.failed.push((
+                    s.label.clone(),
+                    s.errors.first().cloned().unwrap_or_else(|| "failed".into()),
+                ));
             }
         }
         d
@@ -84,11 +91,16 @@ impl ChartData {
 pub fn draw(path: &Path, doc: &BenchDoc) -> Result<()> {
     register_font()?;
     let data = ChartData::from_doc(doc);
-    draw_data(path, &data, &title(doc), doc.disk_ceiling_gbps).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+    draw_data(path, &data, &title(doc), doc.disk_ceiling_gbps)
+        .map_err(|e| anyhow!("drawing {}: {e}", path.display()))
 }
 
 fn title(doc: &BenchDoc) -> String {
-    let budget = doc.settings.ram_budget_bytes.map(crate::scheduler::format_bytes).unwrap_or_else(|| "default".into());
+    let budget = doc
+        .settings
+        .ram_budget_bytes
+        .map(crate::scheduler::format_bytes)
+        .unwrap_or_else(|| "default".into());
     format!(
         "{}: generation tok/s vs lookahead ({} thread{}, RAM budget {budget})",
         doc.model.file_name,
@@ -103,12 +115,20 @@ type DynErr = Box<dyn std::error::Error>;
 /// (a thrashing baseline, a fast stream and the disk ceiling can span 100×).
 const LOG_RATIO: f64 = 25.0;
 
-fn draw_data(path: &Path, data: &ChartData, title: &str, disk_gbps: Option<f64>) -> Result<(), DynErr> {
+fn draw_data(
+    path: &Path,
+    data: &ChartData,
+    title: &str,
+    disk_gbps: Option<f64>,
+) -> Result<(), DynErr> {
     let root = BitMapBackend::new(path, (W, H)).into_drawing_area();
     root.fill(&WHITE)?;
 
     let xs: Vec<f64> = data.measured.iter().map(|m| m.0).collect();
-    let (x0, x1) = match (xs.iter().copied().reduce(f64::min), xs.iter().copied().reduce(f64::max)) {
+    let (x0, x1) = match (
+        xs.iter().copied().reduce(f64::min),
+        xs.iter().copied().reduce(f64::max),
+    ) {
         (Some(a), Some(b)) if b > a => (a - 0.3, b + 0.3),
         (Some(a), _) => (a - 1.0, a + 1.0),
         _ => (0.0, 1.0),
@@ -127,10 +147,28 @@ fn draw_data(path: &Path, data: &ChartData, title: &str, disk_gbps: Option<f64>)
     if !values.is_empty() && hi / lo > LOG_RATIO {
         // Headroom above the data for the legend: a factor on a log axis.
         let y = (lo / 1.5)..(hi * 4.0);
-        plot(&root, x0..x1, y.log_scale(), "generation tok/s (log scale)", data, title, disk_gbps, xs.len())?;
+        plot(
+            &root,
+            x0..x1,
+            y.log_scale(),
+            "generation tok/s (log scale)",
+            data,
+            title,
+            disk_gbps,
+            xs.len(),
+        )?;
     } else {
         let y1 = if hi > 0.0 { hi * 1.4 } else { 1.0 };
-        plot(&root, x0..x1, 0.0..y1, "generation tok/s", data, title, disk_gbps, xs.len())?;
+        plot(
+            &root,
+            x0..x1,
+            0.0..y1,
+            "generation tok/s",
+            data,
+            title,
+            disk_gbps,
+            xs.len(),
+        )?;
     }
     root.present()?;
     Ok(())
@@ -149,8 +187,7 @@ fn plot<'a, Y>(
 ) -> Result<(), DynErr>
 where
     Y: AsRangedCoord<Value = f64>,
-    Y::CoordDescType: Ranged<ValueType = f64>
-        + ValueFormatter<f64>,
+    Y::CoordDescType: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
     let (x0, x1) = (x.start, x.end);
     let mut chart = ChartBuilder::on(root)
@@ -164,47 +201,81 @@ where
         .x_desc("lookahead depth (streamed layers read ahead)")
         .y_desc(y_desc)
         .x_labels(n_depths.clamp(2, 12))
-        .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{}", x.round() as i64) } else { String::new() })
-        .y_label_formatter(&|y| if *y >= 10.0 { format!("{y:.0}") } else { format!("{y:.1}") })
+        .x_label_formatter(&|x| {
+            if (x - x.round()).abs() < 1e-6 {
+                format!("{}", x.round() as i64)
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| {
+            if *y >= 10.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.1}")
+            }
+        })
         .light_line_style(RGBColor(238, 238, 238))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
         .draw()?;
 
-    let legend_line = |style: ShapeStyle| move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 24, y)], style);
+    let legend_line = |style: ShapeStyle| {
+        move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 24, y)], style)
+    };
     if !data.measured.is_empty() {
         chart
-            .draw_series(LineSeries::new(data.measured.iter().map(|m| (m.0, m.1)), BLUE.stroke_width(3)))?
+            .draw_series(LineSeries::new(
+                data.measured.iter().map(|m| (m.0, m.1)),
+                BLUE.stroke_width(3),
+            ))?
             .label("measured (median; bars: min–max)")
             .legend(legend_line(BLUE.stroke_width(3)));
+        chart.draw_series(data.measured.iter().filter(|m| m.3 > m.2).map(|m| {
+            PathElement::new(vec![(m.0, m.2), (m.0, m.3)], BLUE.mix(0.6).stroke_width(2))
+        }))?;
         chart.draw_series(
             data.measured
                 .iter()
-                .filter(|m| m.3 > m.2)
-                .map(|m| PathElement::new(vec![(m.0, m.2), (m.0, m.3)], BLUE.mix(0.6).stroke_width(2))),
+                .map(|m| Circle::new((m.0, m.1), 5, BLUE.filled())),
         )?;
-        chart.draw_series(data.measured.iter().map(|m| Circle::new((m.0, m.1), 5, BLUE.filled())))?;
     }
     if !data.predicted.is_empty() {
         let style = RGBColor(230, 120, 0).stroke_width(2);
         chart
-            .draw_series(DashedLineSeries::new(data.predicted.iter().copied(), 8, 6, style))?
+            .draw_series(DashedLineSeries::new(
+                data.predicted.iter().copied(),
+                8,
+                6,
+                style,
+            ))?
             .label("predicted (estimator)")
             .legend(legend_line(style));
     }
     if !data.ceiling.is_empty() {
         let style = RED.stroke_width(2);
-        let gbps = disk_gbps.map(|g| format!(" ({g:.2} GB/s ÷ bytes read per token)")).unwrap_or_default();
+        let gbps = disk_gbps
+            .map(|g| format!(" ({g:.2} GB/s ÷ bytes read per token)"))
+            .unwrap_or_default();
         chart
             .draw_series(LineSeries::new(data.ceiling.iter().copied(), style))?
             .label(format!("disk ceiling{gbps}"))
             .legend(legend_line(style));
     }
-    let palette = [RGBColor(0, 150, 60), RGBColor(140, 60, 170), RGBColor(90, 90, 90)];
+    let palette = [
+        RGBColor(0, 150, 60),
+        RGBColor(140, 60, 170),
+        RGBColor(90, 90, 90),
+    ];
     for (i, (label, tps)) in data.baselines.iter().enumerate() {
         let style = palette[i % palette.len()].stroke_width(2);
         chart
-            .draw_series(DashedLineSeries::new([(x0, *tps), (x1, *tps)], 12, 5, style))?
+            .draw_series(DashedLineSeries::new(
+                [(x0, *tps), (x1, *tps)],
+                12,
+                5,
+                style,
+            ))?
             .label(format!("{label}: {tps:.2} tok/s"))
             .legend(legend_line(style));
     }
@@ -236,17 +307,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.png");
         let data = ChartData {
-            measured: vec![(0.0, 5.0, 4.5, 5.5), (2.0, 7.0, 6.0, 7.5), (4.0, 7.2, 7.2, 7.2)],
+            measured: vec![
+                (0.0, 5.0, 4.5, 5.5),
+                (2.0, 7.0, 6.0, 7.5),
+                (4.0, 7.2, 7.2, 7.2),
+            ],
             predicted: vec![(0.0, 6.0), (2.0, 8.0), (4.0, 8.0)],
             ceiling: vec![(0.0, 9.0), (2.0, 9.0), (4.0, 9.0)],
-            baselines: vec![("llama.cpp mmap".into(), 3.0), ("llama.cpp dio".into(), 3.5)],
+            baselines: vec![
+                ("llama.cpp mmap".into(), 3.0),
+                ("llama.cpp dio".into(), 3.5),
+            ],
             failed: vec![("llama.cpp dio".into(), "killed by signal 9".into())],
         };
         draw_data(&p, &data, "test", Some(2.0)).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         assert!(bytes.starts_with(b"\x89PNG"));
         // A log axis (the ceiling 450x the rest) and a single depth also draw.
-        let data = ChartData { measured: vec![(1.0, 2.0, 2.0, 2.0)], ceiling: vec![(1.0, 900.0)], ..ChartData::default() };
+        let data = ChartData {
+            measured: vec![(1.0, 2.0, 2.0, 2.0)],
+            ceiling: vec![(1.0, 900.0)],
+            ..ChartData::default()
+        };
         draw_data(&p, &data, "test", None).unwrap();
     }
 }

@@ -55,14 +55,20 @@ impl BenchConfig {
 
     /// llama.cpp's own loading: every tensor resident, read by mmap (`auto`) or O_DIRECT (`dio`).
     pub fn baseline(load_mode: &str) -> BenchConfig {
-        let name = if load_mode == "auto" { "mmap" } else { load_mode };
+        let name = if load_mode == "auto" {
+            "mmap"
+        } else {
+            load_mode
+        };
         BenchConfig {
             id: format!("llama.cpp-{name}"),
             label: format!("llama.cpp {name}"),
             kind: Kind::Baseline,
             lookahead: None,
             load_mode: Some(load_mode.to_string()),
-            args: ["--mode", "resident", "--load-mode", load_mode].map(String::from).to_vec(),
+            args: ["--mode", "resident", "--load-mode", load_mode]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -88,7 +94,9 @@ pub fn parse_depths(s: &str) -> Result<Vec<usize>> {
         match p.parse::<usize>() {
             Ok(d) if d <= 1024 => out.push(d),
             Ok(d) => bail!("--lookahead depth {d} is too large (at most 1024)"),
-            Err(_) => bail!("--lookahead depth {p:?} is not a whole number; give depths like 0,1,2,4,8"),
+            Err(_) => {
+                bail!("--lookahead depth {p:?} is not a whole number; give depths like 0,1,2,4,8")
+            }
         }
     }
     out.sort_unstable();
@@ -160,7 +168,9 @@ pub fn synthetic_prompt(words: usize) -> String {
 /// Context for the runs: the prompt, the generated tokens and a margin, in steps of 256.
 pub fn context_for(prompt_tokens: usize, gen_tokens: usize) -> u32 {
     let need = prompt_tokens + gen_tokens + 16;
-    need.div_ceil(256).saturating_mul(256).min(u32::MAX as usize) as u32
+    need.div_ceil(256)
+        .saturating_mul(256)
+        .min(u32::MAX as usize) as u32
 }
 
 #[cfg(test)]
@@ -175,7 +185,10 @@ mod tests {
             let e = parse_depths(bad).unwrap_err().to_string();
             assert!(e.starts_with("--lookahead"), "{bad:?}: {e}");
         }
-        assert!(parse_depths("-1").unwrap_err().to_string().contains("negative"));
+        assert!(parse_depths("-1")
+            .unwrap_err()
+            .to_string()
+            .contains("negative"));
     }
 
     #[test]
@@ -203,10 +216,16 @@ mod tests {
         let c = BenchConfig::streaming(2, s.ram_budget_bytes, None);
         let a = s.args(&c).join(" ");
         assert!(a.starts_with("run m.gguf --prompt a b c d --temp 0"), "{a}");
-        assert!(a.ends_with("--json --ram-budget 1048576 --lookahead 2"), "{a}");
+        assert!(
+            a.ends_with("--json --ram-budget 1048576 --lookahead 2"),
+            "{a}"
+        );
         let b = BenchConfig::baseline("dio");
         assert_eq!(b.id, "llama.cpp-dio");
-        assert!(s.args(&b).join(" ").ends_with("--mode resident --load-mode dio"));
+        assert!(s
+            .args(&b)
+            .join(" ")
+            .ends_with("--mode resident --load-mode dio"));
         assert_eq!(BenchConfig::baseline("auto").label, "llama.cpp mmap");
     }
 }

@@ -91,11 +91,16 @@ pub fn machine_profile(model: &Path) -> Option<MachineProfile> {
         return Some(p);
     }
     eprintln!("bench: no machine profile cached; measuring this machine (hypura profile) first");
-    let dir = model.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = model
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     match crate::profiler::load_or_measure(false, Some(dir)) {
         Ok(p) => Some(p),
         Err(e) => {
-            tracing::warn!("no machine profile ({e:#}): the disk ceiling and predictions are left out");
+            tracing::warn!(
+                "no machine profile ({e:#}): the disk ceiling and predictions are left out"
+            );
             None
         }
     }
@@ -106,7 +111,10 @@ fn model_info(path: &Path, gguf: &GgufFile) -> ModelInfo {
     ModelInfo {
         path: path.to_path_buf(),
         canonical_path: std::fs::canonicalize(path).ok(),
-        file_name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        file_name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         size_bytes: gguf.file_size,
         arch: gguf.architecture().map(String::from),
         layers: gguf.layer_count(),
@@ -119,7 +127,10 @@ fn model_info(path: &Path, gguf: &GgufFile) -> ModelInfo {
 /// Whether the tokenizer puts a BOS token before the prompt (llama.cpp's rule:
 /// the metadata key if present, else on for SentencePiece vocabularies).
 fn adds_bos(gguf: &GgufFile) -> bool {
-    if let Some(b) = gguf.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()) {
+    if let Some(b) = gguf
+        .get("tokenizer.ggml.add_bos_token")
+        .and_then(|v| v.as_bool())
+    {
         return b;
     }
     gguf.get("tokenizer.ggml.model").and_then(|v| v.as_str()) == Some("llama")
@@ -127,14 +138,28 @@ fn adds_bos(gguf: &GgufFile) -> bool {
 
 /// File-name-safe model stem.
 fn stem(path: &Path) -> String {
-    let s = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+    let s = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The configurations: one per depth, then the baselines.
 pub fn configs(opts: &BenchOptions) -> Vec<BenchConfig> {
     let mut c: Vec<BenchConfig> = if opts.modes.is_empty() {
-        opts.depths.iter().map(|&d| BenchConfig::streaming(d, opts.ram_budget, opts.mode)).collect()
+        opts.depths
+            .iter()
+            .map(|&d| BenchConfig::streaming(d, opts.ram_budget, opts.mode))
+            .collect()
     } else {
         // Placement modes side by side (e.g. gpu-experts against the CPU shape).
         opts.modes
@@ -171,8 +196,15 @@ pub fn round_order(round: usize, n: usize) -> Vec<usize> {
 
 /// Runs the whole bench and writes the JSON and the chart. Ctrl-C (with the
 /// handler installed) stops it early; the document says so and keeps the runs done.
-pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>) -> Result<BenchOutput> {
-    let words = opts.prompt_tokens.saturating_sub(usize::from(adds_bos(gguf))).max(1);
+pub fn run(
+    opts: &BenchOptions,
+    gguf: &GgufFile,
+    profile: Option<MachineProfile>,
+) -> Result<BenchOutput> {
+    let words = opts
+        .prompt_tokens
+        .saturating_sub(usize::from(adds_bos(gguf)))
+        .max(1);
     let settings = RunSettings {
         model: opts.model.clone(),
         prompt_tokens: opts.prompt_tokens,
@@ -191,14 +223,21 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
     let total = rounds * n;
 
     let tty = std::io::stderr().is_terminal();
-    let multi = MultiProgress::with_draw_target(if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let multi = MultiProgress::with_draw_target(if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
     let overall = multi.add(ProgressBar::new(total as u64));
     overall.set_style(
-        ProgressStyle::with_template("bench {bar:30.cyan/blue} {pos}/{len} runs  {elapsed_precise}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "bench {bar:30.cyan/blue} {pos}/{len} runs  {elapsed_precise}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let run_style = ProgressStyle::with_template("  {spinner} {prefix:32} {bar:30.green/white} {elapsed}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let run_style =
+        ProgressStyle::with_template("  {spinner} {prefix:32} {bar:30.green/white} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
 
     let mut runs: Vec<RunRecord> = Vec::new();
     let mut interrupted = false;
@@ -212,7 +251,11 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
                 format!("round {}/{}", round + 1 - opts.warmup, opts.repeat)
             };
             // Expected length: this configuration's last run, in ms.
-            let expect = runs.iter().rev().find(|r| r.config == ci).map(|r| (r.wall_secs * 1000.0) as u64);
+            let expect = runs
+                .iter()
+                .rev()
+                .find(|r| r.config == ci)
+                .map(|r| (r.wall_secs * 1000.0) as u64);
             let bar = multi.add(match expect {
                 Some(ms) => ProgressBar::new(ms.max(1)),
                 None => ProgressBar::new_spinner(),
@@ -228,7 +271,12 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
                     interrupted = true;
                     break 'rounds;
                 }
-                Outcome::Finished { ok, wall_secs, error, report } => {
+                Outcome::Finished {
+                    ok,
+                    wall_secs,
+                    error,
+                    report,
+                } => {
                     let line = match (&report, &error) {
                         (Some(r), _) => format!(
                             "{phase} · {}: generation {:.2} tok/s, prompt {:.1} tok/s ({wall_secs:.1} s)",
@@ -266,10 +314,16 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
     overall.finish_and_clear();
 
     let memory = memory_now();
-    let disk_ceiling_gbps = profile.as_ref().map(|p| p.storage.best_seq_gbps).filter(|g| *g > 0.0);
+    let disk_ceiling_gbps = profile
+        .as_ref()
+        .map(|p| p.storage.best_seq_gbps)
+        .filter(|g| *g > 0.0);
     let summary = report::summarise(&configs, &runs, disk_ceiling_gbps);
     let best = report::best_lookahead(&summary);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut doc = BenchDoc {
         hypura_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix: now,
@@ -289,7 +343,8 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
         chart: None,
     };
 
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
     let base = format!("bench-{}-{now}", stem(&opts.model));
     let chart_path = opts.out_dir.join(format!("{base}.png"));
     let chart_path = if chart::ChartData::from_doc(&doc).is_empty() {
@@ -303,11 +358,19 @@ pub fn run(opts: &BenchOptions, gguf: &GgufFile, profile: Option<MachineProfile>
             }
         }
     };
-    doc.chart = chart_path.as_ref().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    doc.chart = chart_path
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned());
     let json_path = opts.out_dir.join(format!("{base}.json"));
     let text = serde_json::to_string_pretty(&doc).context("serialising the bench results")?;
-    std::fs::write(&json_path, text + "\n").with_context(|| format!("cannot write {}", json_path.display()))?;
-    Ok(BenchOutput { doc, json_path, chart_path })
+    std::fs::write(&json_path, text + "\n")
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    Ok(BenchOutput {
+        doc,
+        json_path,
+        chart_path,
+    })
 }
 
 #[cfg(test)]

@@ -112,18 +112,29 @@ fn f(v: &serde_json::Value, key: &str) -> Option<f64> {
 }
 
 /// Summarises each configuration's recorded runs.
-pub fn summarise(configs: &[BenchConfig], runs: &[RunRecord], disk_ceiling_gbps: Option<f64>) -> Vec<ConfigSummary> {
+pub fn summarise(
+    configs: &[BenchConfig],
+    runs: &[RunRecord],
+    disk_ceiling_gbps: Option<f64>,
+) -> Vec<ConfigSummary> {
     configs
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let mine: Vec<&RunRecord> = runs.iter().filter(|r| r.config == i && !r.warmup).collect();
-            let reports: Vec<&serde_json::Value> = mine.iter().filter_map(|r| r.report.as_ref()).collect();
-            let all = |key: &str| -> Vec<f64> { reports.iter().filter_map(|r| f(r, key)).collect() };
+            let mine: Vec<&RunRecord> =
+                runs.iter().filter(|r| r.config == i && !r.warmup).collect();
+            let reports: Vec<&serde_json::Value> =
+                mine.iter().filter_map(|r| r.report.as_ref()).collect();
+            let all =
+                |key: &str| -> Vec<f64> { reports.iter().filter_map(|r| f(r, key)).collect() };
             let med = |key: &str| median(&all(key));
             let mut errors: Vec<String> = mine.iter().filter_map(|r| r.error.clone()).collect();
             errors.dedup();
-            let first_str = |key: &str| reports.iter().find_map(|r| r.get(key)?.as_str().map(String::from));
+            let first_str = |key: &str| {
+                reports
+                    .iter()
+                    .find_map(|r| r.get(key)?.as_str().map(String::from))
+            };
             let read = med("read_bytes_per_token");
             let disk = med("disk_gbps");
             let ceiling_gbps = disk_ceiling_gbps.filter(|g| *g > 0.0);
@@ -152,7 +163,10 @@ pub fn summarise(configs: &[BenchConfig], runs: &[RunRecord], disk_ceiling_gbps:
                 disk_ratio: disk.zip(ceiling_gbps).map(|(d, c)| d / c),
                 predicted_tps: med("predicted_tps"),
                 ceiling_tps: med("ceiling_tps"),
-                disk_ceiling_tps: read.filter(|b| *b > 0.0).zip(ceiling_gbps).map(|(b, g)| g * 1e9 / b),
+                disk_ceiling_tps: read
+                    .filter(|b| *b > 0.0)
+                    .zip(ceiling_gbps)
+                    .map(|(b, g)| g * 1e9 / b),
                 peak_rss_bytes: med("peak_rss_bytes"),
                 io_backend: first_str("io_backend"),
             }
@@ -216,16 +230,33 @@ pub fn markdown(doc: &BenchDoc) -> String {
         format!("threads {}", s.threads),
         format!("prompt {} tokens", s.prompt_tokens),
         format!("generate {} tokens", s.gen_tokens),
-        format!("{} warm-up + {} recorded round(s)", doc.warmup_rounds, doc.repeat),
-        format!("RAM budget {}", s.ram_budget_bytes.map_or("run's default".to_string(), format_bytes)),
+        format!(
+            "{} warm-up + {} recorded round(s)",
+            doc.warmup_rounds, doc.repeat
+        ),
+        format!(
+            "RAM budget {}",
+            s.ram_budget_bytes
+                .map_or("run's default".to_string(), format_bytes)
+        ),
     ];
-    match (doc.memory_now.available_bytes, doc.memory_now.cgroup_limit_bytes) {
-        (Some(a), Some(l)) => facts.push(format!("memory cgroup limit {} ({} available)", format_bytes(l), format_bytes(a))),
+    match (
+        doc.memory_now.available_bytes,
+        doc.memory_now.cgroup_limit_bytes,
+    ) {
+        (Some(a), Some(l)) => facts.push(format!(
+            "memory cgroup limit {} ({} available)",
+            format_bytes(l),
+            format_bytes(a)
+        )),
         (Some(a), None) => facts.push(format!("memory {} available", format_bytes(a))),
         _ => {}
     }
     if let Some(p) = &doc.machine {
-        facts.push(format!("disk ceiling {:.2} GB/s ({})", p.storage.best_seq_gbps, p.storage.backend));
+        facts.push(format!(
+            "disk ceiling {:.2} GB/s ({})",
+            p.storage.best_seq_gbps, p.storage.backend
+        ));
     } else {
         facts.push("no machine profile: no disk ceiling".to_string());
     }
@@ -245,7 +276,11 @@ pub fn markdown(doc: &BenchDoc) -> String {
                 label += &format!(" (plan: {eff})");
             }
         }
-        let runs = if c.failed > 0 { format!("{}/{} ok", c.runs - c.failed, c.runs) } else { c.runs.to_string() };
+        let runs = if c.failed > 0 {
+            format!("{}/{} ok", c.runs - c.failed, c.runs)
+        } else {
+            c.runs.to_string()
+        };
         let _ = writeln!(
             out,
             "| {label} | {} | {runs} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -266,7 +301,11 @@ pub fn markdown(doc: &BenchDoc) -> String {
     }
     if let Some(d) = doc.best_lookahead {
         let _ = writeln!(out, "\nBest lookahead: {d}");
-    } else if doc.summary.iter().any(|c| c.kind == Kind::Streaming && c.mode.as_deref() == Some("resident")) {
+    } else if doc
+        .summary
+        .iter()
+        .any(|c| c.kind == Kind::Streaming && c.mode.as_deref() == Some("resident"))
+    {
         let _ = writeln!(out, "\nThe model fits the RAM budget (runs were resident): lookahead has no effect; lower --ram-budget to stream.");
     }
     out
@@ -293,7 +332,11 @@ mod tests {
 
     #[test]
     fn summaries_skip_warmup_and_pick_the_best_depth() {
-        let configs = vec![BenchConfig::streaming(0, None, None), BenchConfig::streaming(2, None, None), BenchConfig::baseline("auto")];
+        let configs = vec![
+            BenchConfig::streaming(0, None, None),
+            BenchConfig::streaming(2, None, None),
+            BenchConfig::baseline("auto"),
+        ];
         let r = |tps: f64, depth: usize| serde_json::json!({"mode": "experts", "gen_tps": tps, "prompt_tps": 10.0, "lookahead": depth, "read_bytes_per_token": 2e6, "disk_gbps": 1.0});
         let runs = vec![
             rec(0, true, r(100.0, 0)),
@@ -301,7 +344,11 @@ mod tests {
             rec(0, false, r(7.0, 0)),
             rec(1, false, r(6.0, 2)),
             rec(1, false, r(9.0, 2)),
-            rec(2, false, serde_json::json!({"mode": "resident", "gen_tps": 20.0, "prompt_tps": 30.0})),
+            rec(
+                2,
+                false,
+                serde_json::json!({"mode": "resident", "gen_tps": 20.0, "prompt_tps": 30.0}),
+            ),
         ];
         let s = summarise(&configs, &runs, Some(2.0));
         assert_eq!(s[0].runs, 2);

@@ -27,10 +27,15 @@ extern "C" fn on_sigint(_: libc::c_int) {
 /// Makes SIGINT (Ctrl-C) and SIGTERM set the stop flag instead of killing the bench.
 pub fn install_interrupt_handler() -> Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(SigHandler::Handler(on_sigint), SaFlags::SA_RESTART, SigSet::empty());
+    let act = SigAction::new(
+        SigHandler::Handler(on_sigint),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only touches an atomic and calls _exit.
-        unsafe { sigaction(sig, &act) }.with_context(|| format!("cannot install a {sig} handler"))?;
+        unsafe { sigaction(sig, &act) }
+            .with_context(|| format!("cannot install a {sig} handler"))?;
     }
     Ok(())
 }
@@ -62,13 +67,23 @@ pub struct RunRecord {
 
 /// How a run ended.
 pub enum Outcome {
-    Finished { ok: bool, wall_secs: f64, error: Option<String>, report: Option<serde_json::Value> },
+    Finished {
+        ok: bool,
+        wall_secs: f64,
+        error: Option<String>,
+        report: Option<serde_json::Value>,
+    },
     /// Ctrl-C: the child was killed and the run is dropped.
     Interrupted,
 }
 
 /// Runs `exe args...` to the end (or `timeout`), ticking `bar` while it runs.
-pub fn run_child(exe: &Path, args: &[String], timeout: Option<Duration>, bar: &ProgressBar) -> Result<Outcome> {
+pub fn run_child(
+    exe: &Path,
+    args: &[String],
+    timeout: Option<Duration>,
+    bar: &ProgressBar,
+) -> Result<Outcome> {
     let start = Instant::now();
     let mut child = Command::new(exe)
         .args(args)
@@ -112,11 +127,19 @@ pub fn run_child(exe: &Path, args: &[String], timeout: Option<Duration>, bar: &P
     let error = if ok {
         None
     } else if timed_out {
-        Some(format!("timed out after {:.0} s", timeout.unwrap_or_default().as_secs_f64()))
+        Some(format!(
+            "timed out after {:.0} s",
+            timeout.unwrap_or_default().as_secs_f64()
+        ))
     } else {
         Some(failure_reason(status, &text))
     };
-    Ok(Outcome::Finished { ok, wall_secs, error, report: if ok { report } else { None } })
+    Ok(Outcome::Finished {
+        ok,
+        wall_secs,
+        error,
+        report: if ok { report } else { None },
+    })
 }
 
 /// The last stderr line that is a JSON object.
@@ -126,20 +149,36 @@ pub fn last_json(stderr: &str) -> Option<serde_json::Value> {
         .rev()
         .map(str::trim)
         .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(serde_json::Value::is_object))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .filter(serde_json::Value::is_object)
+        })
 }
 
 fn failure_reason(status: std::process::ExitStatus, stderr: &str) -> String {
-    let last_error = stderr.lines().rev().map(str::trim).find(|l| l.starts_with("error:"));
+    let last_error = stderr
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with("error:"));
     let last_line = stderr.lines().rev().map(str::trim).find(|l| !l.is_empty());
     match (status.signal(), last_error) {
         (Some(sig), _) => {
-            let hint = if sig == libc::SIGKILL { " (out of memory?)" } else { "" };
+            let hint = if sig == libc::SIGKILL {
+                " (out of memory?)"
+            } else {
+                ""
+            };
             format!("killed by signal {sig}{hint}")
         }
         (None, Some(e)) => e.trim_start_matches("error:").trim().to_string(),
         (None, None) if status.success() => "no JSON report on stderr".to_string(),
-        (None, None) => format!("exit status {}: {}", status.code().unwrap_or(-1), last_line.unwrap_or("no output")),
+        (None, None) => format!(
+            "exit status {}: {}",
+            status.code().unwrap_or(-1),
+            last_line.unwrap_or("no output")
+        ),
     }
 }
 
@@ -158,7 +197,13 @@ mod tests {
     fn child_runs_and_failures_are_reported() {
         let bar = ProgressBar::hidden();
         let sh = Path::new("/bin/sh");
-        let ok = run_child(sh, &["-c".into(), "echo '{\"gen_tps\":3}' >&2".into()], None, &bar).unwrap();
+        let ok = run_child(
+            sh,
+            &["-c".into(), "echo '{\"gen_tps\":3}' >&2".into()],
+            None,
+            &bar,
+        )
+        .unwrap();
         match ok {
             Outcome::Finished { ok, report, .. } => {
                 assert!(ok);
@@ -166,7 +211,16 @@ mod tests {
             }
             Outcome::Interrupted => panic!("not interrupted"),
         }
-        let bad = run_child(sh, &["-c".into(), "echo 'error: no such model' >&2; exit 1".into()], None, &bar).unwrap();
+        let bad = run_child(
+            sh,
+            &[
+                "-c".into(),
+                "echo 'error: no such model' >&2; exit 1".into(),
+            ],
+            None,
+            &bar,
+        )
+        .unwrap();
         match bad {
             Outcome::Finished { ok, error, .. } => {
                 assert!(!ok);
@@ -174,9 +228,20 @@ mod tests {
             }
             Outcome::Interrupted => panic!("not interrupted"),
         }
-        let slow = run_child(sh, &["-c".into(), "sleep 5".into()], Some(Duration::from_millis(200)), &bar).unwrap();
+        let slow = run_child(
+            sh,
+            &["-c".into(), "sleep 5".into()],
+            Some(Duration::from_millis(200)),
+            &bar,
+        )
+        .unwrap();
         match slow {
-            Outcome::Finished { ok, error, wall_secs, .. } => {
+            Outcome::Finished {
+                ok,
+                error,
+                wall_secs,
+                ..
+            } => {
                 assert!(!ok && wall_secs < 4.0);
                 assert!(error.unwrap().starts_with("timed out"));
             }

@@ -20,7 +20,12 @@ impl Spread {
             return None;
         }
         v.sort_by(f64::total_cmp);
-        Some(Spread { median: median_sorted(&v), min: v[0], max: v[v.len() - 1], n: v.len() })
+        Some(Spread {
+            median: median_sorted(&v),
+            min: v[0],
+            max: v[v.len() - 1],
+            n: v.len(),
+        })
     }
 
     /// Largest relative distance of min or max from the median (0 for one value).

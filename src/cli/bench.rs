@@ -16,7 +16,12 @@ pub struct BenchArgs {
     /// The GGUF model file.
     pub model: PathBuf,
     /// Lookahead depths to compare, comma-separated.
-    #[arg(long, default_value = "0,1,2,4,8", allow_hyphen_values = true, value_name = "LIST")]
+    #[arg(
+        long,
+        default_value = "0,1,2,4,8",
+        allow_hyphen_values = true,
+        value_name = "LIST"
+    )]
     pub lookahead: String,
     /// Also run llama.cpp's own loading (every tensor resident): mmap and --load-mode dio.
     #[arg(long)]
@@ -94,14 +99,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--timeout must be at least 1 second");
     }
     if let Some(b) = &args.io_backend {
-        b.parse::<crate::io::Backend>().map_err(|e| anyhow::anyhow!("--io-backend {b:?}: {e}"))?;
+        b.parse::<crate::io::Backend>()
+            .map_err(|e| anyhow::anyhow!("--io-backend {b:?}: {e}"))?;
     }
-    let threads = args.threads.unwrap_or_else(crate::cli::run::default_threads);
+    let threads = args
+        .threads
+        .unwrap_or_else(crate::cli::run::default_threads);
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
     let gguf = GgufFile::open(&args.model)?;
-    if let (true, Some(budget), Some(usable)) = (args.baseline, args.ram_budget, bench::usable_memory_bytes()) {
+    if let (true, Some(budget), Some(usable)) =
+        (args.baseline, args.ram_budget, bench::usable_memory_bytes())
+    {
         if budget > usable {
             bail!(
                 "--ram-budget {} is more than the memory available ({}): the streaming runs could not keep to it \
@@ -113,7 +123,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     // Fail now rather than after the runs.
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create --out {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create --out {}", args.out.display()))?;
     let exe = std::env::current_exe().context("cannot find the hypura binary to run")?;
     let profile = bench::machine_profile(&args.model);
     let opts = BenchOptions {
@@ -155,10 +166,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let recorded = doc.runs.iter().filter(|r| !r.warmup).count();
     if doc.interrupted {
-        bail!("interrupted: {} runs kept ({recorded} recorded) in {}", doc.runs.len(), out.json_path.display());
+        bail!(
+            "interrupted: {} runs kept ({recorded} recorded) in {}",
+            doc.runs.len(),
+            out.json_path.display()
+        );
     }
     if doc.runs.iter().all(|r| !r.ok) {
-        let first = doc.runs.iter().find_map(|r| r.error.clone()).unwrap_or_default();
+        let first = doc
+            .runs
+            .iter()
+            .find_map(|r| r.error.clone())
+            .unwrap_or_default();
         bail!("every run failed: {first}");
     }
     if args.save {

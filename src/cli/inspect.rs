@@ -35,7 +35,11 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let file = GgufFile::open(&args.model)?;
     let mut report = Report::build(&file, args.tensors);
-    report.plan = Some(plan_for_machine(&file, &args.placement, crate::scheduler::default_ctx(&file))?);
+    report.plan = Some(plan_for_machine(
+        &file,
+        &args.placement,
+        crate::scheduler::default_ctx(&file),
+    )?);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = if args.json {
@@ -340,7 +344,9 @@ fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
         "layer", "tensors", "attention", "ffn", "experts", "other", "total"
     )?;
     for row in &r.bytes_by_layer {
-        let layer = row.layer.map_or_else(|| "global".to_string(), |l| l.to_string());
+        let layer = row
+            .layer
+            .map_or_else(|| "global".to_string(), |l| l.to_string());
         writeln!(
             out,
             "  {:>6} {:>8} {:>11} {:>11} {:>11} {:>11} {:>11}",
@@ -357,18 +363,40 @@ fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 }
 
 fn render_plan(p: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
-    writeln!(out, "\nplacement plan (RAM budget {})", human_bytes(p.ram_budget))?;
+    writeln!(
+        out,
+        "\nplacement plan (RAM budget {})",
+        human_bytes(p.ram_budget)
+    )?;
     writeln!(out, "  mode            {}", p.mode.label())?;
     if let Some(g) = &p.gpu {
-        writeln!(out, "  gpu             {} (budget {}{})", g.device, human_bytes(g.budget), if g.direct { ", computes on host memory" } else { "" })?;
+        writeln!(
+            out,
+            "  gpu             {} (budget {}{})",
+            g.device,
+            human_bytes(g.budget),
+            if g.direct {
+                ", computes on host memory"
+            } else {
+                ""
+            }
+        )?;
         writeln!(out, "  resident (GPU)  {}", human_bytes(g.resident_bytes))?;
         if g.n_slots > 0 {
             let what = if p.mode == Mode::GpuExperts {
-                format!("{} layer slots, {} of them dedicated", g.n_slots, g.dedicated_layers.len())
+                format!(
+                    "{} layer slots, {} of them dedicated",
+                    g.n_slots,
+                    g.dedicated_layers.len()
+                )
             } else {
                 format!("{} layer slots", g.n_slots)
             };
-            writeln!(out, "  pool (GPU)      {} ({what})", human_bytes(g.pool_bytes))?;
+            writeln!(
+                out,
+                "  pool (GPU)      {} ({what})",
+                human_bytes(g.pool_bytes)
+            )?;
         }
     }
     let ram_resident = match &p.gpu {
@@ -376,32 +404,66 @@ fn render_plan(p: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
         None => p.resident_bytes,
     };
     writeln!(out, "  resident (RAM)  {}", human_bytes(ram_resident))?;
-    writeln!(out, "  streamed (NVMe) {} in {} tensors", human_bytes(p.streamed_bytes), p.streamed.len())?;
+    writeln!(
+        out,
+        "  streamed (NVMe) {} in {} tensors",
+        human_bytes(p.streamed_bytes),
+        p.streamed.len()
+    )?;
     if p.mode != Mode::Resident {
         let pinned_on = match (&p.gpu, p.mode) {
             (Some(_), Mode::GpuDense) => " on the GPU",
             (Some(_), Mode::Dense) => " in RAM (CPU)",
             _ => "",
         };
-        writeln!(out, "  layers          {} pinned{pinned_on}, {} streamed", p.pinned_layers.len(), p.streamed_layers.len())?;
+        writeln!(
+            out,
+            "  layers          {} pinned{pinned_on}, {} streamed",
+            p.pinned_layers.len(),
+            p.streamed_layers.len()
+        )?;
         if !p.ram_layers.is_empty() {
             writeln!(out, "  RAM tier        {} of the streamed layers kept in RAM, copied to the GPU each token", p.ram_layers.len())?;
         }
-        let pool = if p.mode == Mode::GpuExperts { "expert cache (RAM)" } else { "pool (RAM)" };
-        writeln!(out, "  {pool:<15} {} (lookahead {})", human_bytes(p.pool_bytes), p.lookahead)?;
+        let pool = if p.mode == Mode::GpuExperts {
+            "expert cache (RAM)"
+        } else {
+            "pool (RAM)"
+        };
+        writeln!(
+            out,
+            "  {pool:<15} {} (lookahead {})",
+            human_bytes(p.pool_bytes),
+            p.lookahead
+        )?;
         writeln!(out, "  read per token  {}", human_bytes(p.bytes_per_token))?;
     }
-    let link = if p.gpu.as_ref().is_some_and(|g| !g.direct) && p.mode.on_gpu() { "min(disk, host->GPU) ceiling" } else { "disk ceiling" };
+    let link = if p.gpu.as_ref().is_some_and(|g| !g.direct) && p.mode.on_gpu() {
+        "min(disk, host->GPU) ceiling"
+    } else {
+        "disk ceiling"
+    };
     match (p.ceiling_tps, p.predicted_tps) {
-        (Some(c), Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s ({link} {c:.2} tok/s)")?,
+        (Some(c), Some(t)) => {
+            writeln!(out, "  predicted       {t:.2} tok/s ({link} {c:.2} tok/s)")?
+        }
         (None, Some(t)) => writeln!(out, "  predicted       {t:.2} tok/s (memory-bound)")?,
-        (None, None) if p.mode == Mode::Resident && p.gpu.is_some() => writeln!(out, "  predicted       GPU-bound (everything on the GPU)")?,
-        _ => writeln!(out, "  predicted       unknown: run `hypura profile` to measure this machine")?,
+        (None, None) if p.mode == Mode::Resident && p.gpu.is_some() => {
+            writeln!(out, "  predicted       GPU-bound (everything on the GPU)")?
+        }
+        _ => writeln!(
+            out,
+            "  predicted       unknown: run `hypura profile` to measure this machine"
+        )?,
     }
     Ok(())
 }
 
-fn render_tensors(tensors: &[TensorInfo], plan: Option<&Plan>, out: &mut dyn Write) -> std::io::Result<()> {
+fn render_tensors(
+    tensors: &[TensorInfo],
+    plan: Option<&Plan>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     writeln!(out, "\ntensors")?;
     writeln!(
         out,

@@ -11,7 +11,11 @@ pub mod profile;
 pub mod run;
 
 #[derive(Parser, Debug)]
-#[command(name = "hypura", version, about = "Run GGUF models bigger than RAM by streaming weights from NVMe")]
+#[command(
+    name = "hypura",
+    version,
+    about = "Run GGUF models bigger than RAM by streaming weights from NVMe"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

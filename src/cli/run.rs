@@ -7,15 +7,16 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::engine::device::Device;
 use crate::engine::generate::{generate, GenRequest, GenStats};
 use crate::engine::logits::LogitsWriter;
 use crate::engine::sampler::Sampler;
-use crate::engine::{Context, ContextOptions, LoadMode, LoadOptions, Model};
-use crate::engine::device::Device;
 use crate::engine::stream::{StreamMetrics, Streamer};
 use crate::engine::stream_buft::StreamBufferType;
+use crate::engine::{Context, ContextOptions, LoadMode, LoadOptions, Model};
 use crate::gguf::GgufFile;
-use crate::scheduler::{format_bytes, plan_for_machine, Mode, PlacementArgs, Plan};
+use crate::report::RunReport;
+use crate::scheduler::{plan_for_machine, Mode, PlacementArgs, Plan};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -91,11 +92,11 @@ fn parse_gpu_layers(s: &str) -> std::result::Result<i32, String> {
         .ok_or_else(|| format!("expected a number of layers or 'all', got '{s}'"))
 }
 
-
-
 /// Threads to use when the user does not say: the CPUs this process may run on.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -120,7 +121,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gguf = GgufFile::open(&args.model)?;
     tracing::info!(arch = ?gguf.architecture(), tensors = gguf.tensors.len(), "model validated");
 
-    let n_ctx = args.ctx.unwrap_or_else(|| crate::scheduler::default_ctx(&gguf));
+    let n_ctx = args
+        .ctx
+        .unwrap_or_else(|| crate::scheduler::default_ctx(&gguf));
     if n_ctx == 0 {
         bail!("--ctx must be at least 1");
     }
@@ -135,7 +138,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     // The device the GPU plan is for (found again: the plan keeps its name).
     let gpu_dev = match &plan.gpu {
         Some(_) => {
-            let dev = Device::find(args.placement.gpu_device.as_deref())?.context("the GPU went away")?;
+            let dev =
+                Device::find(args.placement.gpu_device.as_deref())?.context("the GPU went away")?;
             let upload = dev.upload_path(args.placement.gpu_upload)?;
             Some((dev, upload))
         }
@@ -157,16 +161,26 @@ pub fn run(args: RunArgs) -> Result<()> {
         false => None,
         true => {
             buft.restore_names()?;
-            let io = crate::io::IoOptions { backend: args.io_backend, ..crate::io::IoOptions::default() };
+            let io = crate::io::IoOptions {
+                backend: args.io_backend,
+                ..crate::io::IoOptions::default()
+            };
             let reader = crate::io::open_reader(&args.model, &io)
                 .with_context(|| format!("{}: cannot open for streaming", args.model.display()))?;
             Some(Streamer::new(&plan, &buft, reader, gpu_dev)?)
         }
     };
     let load_secs = t_load.elapsed().as_secs_f64();
-    let load_read_bytes = storage_read_bytes().zip(io_before).map(|(a, b)| a.saturating_sub(b));
+    let load_read_bytes = storage_read_bytes()
+        .zip(io_before)
+        .map(|(a, b)| a.saturating_sub(b));
 
-    let mut copts = ContextOptions { n_ctx, n_batch: args.batch, n_threads: threads as i32, ..ContextOptions::default() };
+    let mut copts = ContextOptions {
+        n_ctx,
+        n_batch: args.batch,
+        n_threads: threads as i32,
+        ..ContextOptions::default()
+    };
     if n_gpu_layers != 0 {
         copts.cpu_poll = Some(0);
         // Weights in host memory must not be copied to the GPU behind the
@@ -180,7 +194,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let mut ctx = Context::new(&model, copts)?;
     let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
     });
     let mut sampler = Sampler::new(args.temp, seed);
     let mut logits_out = match &args.logits_out {
@@ -190,7 +207,14 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let mut at_prefill = StreamMetrics::default();
     let result = if args.interactive {
-        chat(&model, gguf.architecture().unwrap_or(""), &mut ctx, &mut sampler, &args, logits_out.as_mut())
+        chat(
+            &model,
+            gguf.architecture().unwrap_or(""),
+            &mut ctx,
+            &mut sampler,
+            &args,
+            logits_out.as_mut(),
+        )
     } else {
         let prompt = args.prompt.as_deref().unwrap_or_default();
         let tokens = model.tokenize(prompt, true, false)?;
@@ -203,7 +227,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         generate(
             &mut ctx,
             &mut sampler,
-            GenRequest { prompt: &tokens, max_tokens: args.max_tokens, decode_last: false, on_prefill: Some(&mut on_prefill) },
+            GenRequest {
+                prompt: &tokens,
+                max_tokens: args.max_tokens,
+                decode_last: false,
+                on_prefill: Some(&mut on_prefill),
+            },
             &mut |s| {
                 stdout.write_all(s.as_bytes())?;
                 stdout.flush()?;
@@ -225,7 +254,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         w.finish()?;
     }
     let gen_metrics = streamer.as_deref().map(|s| s.metrics().since(&at_prefill));
-    let mut report = RunReport::new(&plan, load_secs, threads, &stats, gen_metrics, streamer.as_deref());
+    let mut report = new_report(
+        &plan,
+        load_secs,
+        threads,
+        &stats,
+        gen_metrics,
+        streamer.as_deref(),
+    );
     report.load_read_bytes = load_read_bytes;
     report.gpu_layers = n_gpu_layers;
     if args.json {
@@ -239,14 +275,28 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// Loads the model: resident tensors through llama.cpp, streamed tensors
 /// routed into Hypura's buffer type with their names hidden so the loader
 /// never reads them (only resident bytes are read at start-up).
-fn load_model(args: &RunArgs, plan: &Plan, buft: &StreamBufferType, n_gpu_layers: i32) -> Result<Model> {
+fn load_model(
+    args: &RunArgs,
+    plan: &Plan,
+    buft: &StreamBufferType,
+    n_gpu_layers: i32,
+) -> Result<Model> {
     let mut overrides: Vec<(String, hypura_sys::ggml_backend_buffer_type_t)> =
-        override_patterns(plan).into_iter().map(|p| (p, buft.as_raw())).collect();
+        override_patterns(plan)
+            .into_iter()
+            .map(|p| (p, buft.as_raw()))
+            .collect();
     // The CPU shape with a GPU: resident FFN layers stay in RAM, computed on
     // the CPU (the rest of their layer is on the GPU).
     if plan.gpu.is_some() && plan.mode == Mode::Dense && !plan.pinned_layers.is_empty() {
         let layers: Vec<String> = plan.pinned_layers.iter().map(u32::to_string).collect();
-        overrides.push((format!("^blk\\.(?:{})\\.ffn_(?:gate|up|down)\\.weight$", layers.join("|")), Device::cpu_buft()?));
+        overrides.push((
+            format!(
+                "^blk\\.(?:{})\\.ffn_(?:gate|up|down)\\.weight$",
+                layers.join("|")
+            ),
+            Device::cpu_buft()?,
+        ));
     }
     let load_mode = match (plan.mode, args.load_mode) {
         (Mode::Resident, m) => m,
@@ -255,7 +305,13 @@ fn load_model(args: &RunArgs, plan: &Plan, buft: &StreamBufferType, n_gpu_layers
         (_, m) => m,
     };
     buft.set_hide_names(plan.mode != Mode::Resident);
-    load_with_progress(&args.model, load_mode, !args.no_repack, &overrides, n_gpu_layers)
+    load_with_progress(
+        &args.model,
+        load_mode,
+        !args.no_repack,
+        &overrides,
+        n_gpu_layers,
+    )
 }
 
 /// Regexes that route the plan's streamed tensors into the buffer type: one
@@ -279,142 +335,72 @@ fn override_patterns(plan: &Plan) -> Vec<String> {
         .map(|(suffixes, layers)| {
             let layers: Vec<String> = layers.iter().map(u32::to_string).collect();
             let suffixes: Vec<String> = suffixes.iter().map(|s| esc(s)).collect();
-            format!("^blk\\.(?:{})\\.(?:{})$", layers.join("|"), suffixes.join("|"))
+            format!(
+                "^blk\\.(?:{})\\.(?:{})$",
+                layers.join("|"),
+                suffixes.join("|")
+            )
         })
         .collect()
 }
 
-/// The statistics printed at the end of a run.
-#[derive(serde::Serialize)]
-pub struct RunReport {
-    pub mode: Mode,
-    pub threads: usize,
-    pub load_secs: f64,
-    pub prompt_tokens: usize,
-    pub prompt_tps: f64,
-    pub gen_tokens: usize,
-    pub gen_tps: f64,
-    /// Milliseconds per generated token inside llama.cpp's decode; the rest
-    /// of a token's time is Hypura's loop (sampling, output).
-    pub decode_ms_per_token: f64,
-    pub ram_budget_bytes: u64,
-    pub resident_bytes: u64,
-    pub streamed_bytes: u64,
-    pub pool_bytes: u64,
-    pub lookahead: usize,
-    pub pinned_layers: usize,
-    pub streamed_layers: usize,
-    /// Bytes read from disk per generated token.
-    pub read_bytes_per_token: Option<f64>,
-    /// Milliseconds the compute waited on I/O per generated token.
-    pub stall_ms_per_token: Option<f64>,
-    /// Cross-token expert cache hit rate.
-    pub expert_hit_rate: Option<f64>,
-    /// Average disk throughput during generation (GB/s).
-    pub disk_gbps: Option<f64>,
-    pub io_backend: Option<String>,
-    pub predicted_tps: Option<f64>,
-    pub ceiling_tps: Option<f64>,
-    pub peak_rss_bytes: u64,
-    /// Bytes the process read from storage while loading (`/proc/self/io`),
-    /// page-cache hits excluded: about the resident bytes when streaming.
-    pub load_read_bytes: Option<u64>,
-    /// Layers on the GPU (llama.cpp's n_gpu_layers; -1: all).
-    pub gpu_layers: i32,
-    /// The GPU device of the plan, its resident weights and its pool.
-    pub gpu_device: Option<String>,
-    pub gpu_resident_bytes: Option<u64>,
-    pub gpu_pool_bytes: Option<u64>,
-    /// Bytes copied host→device per generated token (staged GPU tier).
-    pub upload_bytes_per_token: Option<f64>,
-    /// Selections served by an expert already in its GPU slot, per token.
-    pub gpu_expert_hits_per_token: Option<f64>,
-}
-
-impl RunReport {
-    fn new(plan: &Plan, load_secs: f64, threads: usize, stats: &GenStats, m: Option<StreamMetrics>, st: Option<&Streamer>) -> Self {
-        let per_tok = stats.gen_decodes.max(1) as f64;
-        let streaming = m.filter(|_| stats.gen_decodes > 0);
-        RunReport {
-            mode: plan.mode,
-            threads,
-            load_secs,
-            prompt_tokens: stats.prompt_tokens,
-            prompt_tps: stats.prompt_tps(),
-            gen_tokens: stats.gen_tokens,
-            gen_tps: stats.gen_tps(),
-            decode_ms_per_token: stats.gen_decode_secs * 1e3 / per_tok,
-            ram_budget_bytes: plan.ram_budget,
-            resident_bytes: plan.resident_bytes,
-            streamed_bytes: plan.streamed_bytes,
-            pool_bytes: plan.pool_bytes,
-            lookahead: plan.lookahead,
-            pinned_layers: plan.pinned_layers.len(),
-            streamed_layers: plan.streamed_layers.len(),
-            read_bytes_per_token: streaming.map(|m| m.bytes_read as f64 / per_tok),
-            stall_ms_per_token: streaming.map(|m| m.stall_ns as f64 / 1e6 / per_tok),
-            expert_hit_rate: streaming.and_then(|m| m.hit_rate()),
-            disk_gbps: streaming.filter(|_| stats.gen_secs > 0.0).map(|m| m.bytes_read as f64 / 1e9 / stats.gen_secs),
-            io_backend: st.map(|s| s.reader_info().backend.to_string()),
-            predicted_tps: plan.predicted_tps,
-            ceiling_tps: plan.ceiling_tps,
-            peak_rss_bytes: peak_rss_bytes(),
-            load_read_bytes: None,
-            gpu_layers: 0,
-            gpu_device: plan.gpu.as_ref().map(|g| g.device.clone()),
-            gpu_resident_bytes: plan.gpu.as_ref().map(|g| g.resident_bytes),
-            gpu_pool_bytes: plan.gpu.as_ref().map(|g| g.pool_bytes),
-            upload_bytes_per_token: streaming.filter(|_| plan.mode.on_gpu()).map(|m| m.upload_bytes as f64 / per_tok),
-            gpu_expert_hits_per_token: streaming.filter(|_| plan.mode == Mode::GpuExperts).map(|m| m.gpu_hits as f64 / per_tok),
-        }
-    }
-
-    fn human(&self) -> String {
-        let mut s = format!(
-            "load: {:.2} s | prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.2} tok/s | threads: {}\nmode: {:?} | resident {} | streamed {} | pool {} | lookahead {} | peak RSS {}",
-            self.load_secs,
-            self.prompt_tokens,
-            self.prompt_tps,
-            self.gen_tokens,
-            self.gen_tps,
-            self.threads,
-            self.mode,
-            format_bytes(self.resident_bytes),
-            format_bytes(self.streamed_bytes),
-            format_bytes(self.pool_bytes),
-            self.lookahead,
-            format_bytes(self.peak_rss_bytes),
-        );
-        if self.gpu_layers != 0 {
-            let n = if self.gpu_layers < 0 { "all".to_string() } else { self.gpu_layers.to_string() };
-            s += &format!(" | gpu layers {n}");
-        }
-        if let (Some(d), Some(r), Some(p)) = (&self.gpu_device, self.gpu_resident_bytes, self.gpu_pool_bytes) {
-            s += &format!("\ngpu: {d} | resident {} | pool {}", format_bytes(r), format_bytes(p));
-            if let Some(u) = self.upload_bytes_per_token {
-                s += &format!(" | copied {}/token", format_bytes(u as u64));
-            }
-        }
-        if let (Some(b), Some(st)) = (self.read_bytes_per_token, self.stall_ms_per_token) {
-            s += &format!("\nstreaming: {}/token read, stall {st:.1} ms/token", format_bytes(b as u64));
-            if let Some(g) = self.disk_gbps {
-                s += &format!(", disk {g:.2} GB/s");
-            }
-            if let Some(h) = self.expert_hit_rate {
-                s += &format!(", expert cache hits {:.1}%", h * 100.0);
-            }
-            if let Some(b) = &self.io_backend {
-                s += &format!(" ({b})");
-            }
-        }
-        s
+/// The report of a finished run.
+fn new_report(
+    plan: &Plan,
+    load_secs: f64,
+    threads: usize,
+    stats: &GenStats,
+    m: Option<StreamMetrics>,
+    st: Option<&Streamer>,
+) -> RunReport {
+    let per_tok = stats.gen_decodes.max(1) as f64;
+    let streaming = m.filter(|_| stats.gen_decodes > 0);
+    RunReport {
+        mode: plan.mode,
+        threads,
+        load_secs,
+        prompt_tokens: stats.prompt_tokens,
+        prompt_tps: stats.prompt_tps(),
+        gen_tokens: stats.gen_tokens,
+        gen_tps: stats.gen_tps(),
+        decode_ms_per_token: stats.gen_decode_secs * 1e3 / per_tok,
+        ram_budget_bytes: plan.ram_budget,
+        resident_bytes: plan.resident_bytes,
+        streamed_bytes: plan.streamed_bytes,
+        pool_bytes: plan.pool_bytes,
+        lookahead: plan.lookahead,
+        pinned_layers: plan.pinned_layers.len(),
+        streamed_layers: plan.streamed_layers.len(),
+        read_bytes_per_token: streaming.map(|m| m.bytes_read as f64 / per_tok),
+        stall_ms_per_token: streaming.map(|m| m.stall_ns as f64 / 1e6 / per_tok),
+        expert_hit_rate: streaming.and_then(|m| m.hit_rate()),
+        disk_gbps: streaming
+            .filter(|_| stats.gen_secs > 0.0)
+            .map(|m| m.bytes_read as f64 / 1e9 / stats.gen_secs),
+        io_backend: st.map(|s| s.reader_info().backend.to_string()),
+        predicted_tps: plan.predicted_tps,
+        ceiling_tps: plan.ceiling_tps,
+        peak_rss_bytes: peak_rss_bytes(),
+        load_read_bytes: None,
+        gpu_layers: 0,
+        gpu_device: plan.gpu.as_ref().map(|g| g.device.clone()),
+        gpu_resident_bytes: plan.gpu.as_ref().map(|g| g.resident_bytes),
+        gpu_pool_bytes: plan.gpu.as_ref().map(|g| g.pool_bytes),
+        upload_bytes_per_token: streaming
+            .filter(|_| plan.mode.on_gpu())
+            .map(|m| m.upload_bytes as f64 / per_tok),
+        gpu_expert_hits_per_token: streaming
+            .filter(|_| plan.mode == Mode::GpuExperts)
+            .map(|m| m.gpu_hits as f64 / per_tok),
     }
 }
 
 /// Bytes this process has read from storage (`read_bytes` of /proc/self/io).
 fn storage_read_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/io").ok()?;
-    s.lines().find_map(|l| l.strip_prefix("read_bytes:")).and_then(|v| v.trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Peak resident set size of this process (getrusage).
@@ -434,10 +420,20 @@ pub fn load_with_progress(
 ) -> Result<Model> {
     let bar = ProgressBar::new(1000);
     bar.set_style(
-        ProgressStyle::with_template("loading {bar:40.cyan/blue} {percent:>3}% {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("loading {bar:40.cyan/blue} {percent:>3}% {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut progress = |p: f32| bar.set_position((p.clamp(0.0, 1.0) * 1000.0) as u64);
-    let model = Model::load(path, LoadOptions { load_mode, repack, buft_overrides, progress: Some(&mut progress), n_gpu_layers });
+    let model = Model::load(
+        path,
+        LoadOptions {
+            load_mode,
+            repack,
+            buft_overrides,
+            progress: Some(&mut progress),
+            n_gpu_layers,
+        },
+    );
     bar.finish_and_clear();
     model
 }
@@ -483,7 +479,12 @@ fn chat(
         let (reply, stats) = generate(
             ctx,
             sampler,
-            GenRequest { prompt: &tokens, max_tokens: args.max_tokens, decode_last: true, on_prefill: None },
+            GenRequest {
+                prompt: &tokens,
+                max_tokens: args.max_tokens,
+                decode_last: true,
+                on_prefill: None,
+            },
             &mut |s| {
                 stdout.write_all(s.as_bytes())?;
                 stdout.flush()?;
@@ -497,8 +498,13 @@ fn chat(
         for t in &reply {
             model.token_bytes(*t, &mut text);
         }
-        messages.push(("assistant".into(), String::from_utf8_lossy(&text).into_owned()));
-        prev_len = model.apply_chat_template(&template, &messages, false)?.len();
+        messages.push((
+            "assistant".into(),
+            String::from_utf8_lossy(&text).into_owned(),
+        ));
+        prev_len = model
+            .apply_chat_template(&template, &messages, false)?
+            .len();
     }
     Ok(total)
 }
@@ -510,7 +516,9 @@ fn pick_chat_template(model: &Model, user: Option<&str>, arch: &str) -> Result<S
     if let Some(t) = user {
         model
             .apply_chat_template(t, &probe, true)
-            .with_context(|| format!("--chat-template {t:?} is not a template llama.cpp supports"))?;
+            .with_context(|| {
+                format!("--chat-template {t:?} is not a template llama.cpp supports")
+            })?;
         return Ok(t.to_string());
     }
     if let Some(t) = model.chat_template() {
@@ -520,7 +528,9 @@ fn pick_chat_template(model: &Model, user: Option<&str>, arch: &str) -> Result<S
     let family = arch.trim_end_matches(|c: char| c.is_ascii_digit());
     for cand in [arch, family, "chatml"] {
         if !cand.is_empty() && model.apply_chat_template(cand, &probe, true).is_ok() {
-            tracing::warn!("the model has no chat template; using llama.cpp's built-in '{cand}' template");
+            tracing::warn!(
+                "the model has no chat template; using llama.cpp's built-in '{cand}' template"
+            );
             return Ok(cand.to_string());
         }
     }

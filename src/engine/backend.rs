@@ -32,7 +32,11 @@ pub fn take_last_error() -> Option<String> {
     (!msg.is_empty()).then_some(msg)
 }
 
-unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _user: *mut c_void) {
+unsafe extern "C" fn log_callback(
+    level: sys::ggml_log_level,
+    text: *const c_char,
+    _user: *mut c_void,
+) {
     if text.is_null() {
         return;
     }
@@ -46,7 +50,11 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_cha
         sys::GGML_LOG_LEVEL_ERROR => {
             tracing::debug!(target: "llama", "{line}");
             let mut guard = LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner());
-            *guard = line.trim_start_matches(|c: char| c.is_alphanumeric() || c == '_').trim_start_matches(':').trim().to_string();
+            *guard = line
+                .trim_start_matches(|c: char| c.is_alphanumeric() || c == '_')
+                .trim_start_matches(':')
+                .trim()
+                .to_string();
         }
         sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama", "{line}"),
         sys::GGML_LOG_LEVEL_INFO => tracing::info!(target: "llama", "{line}"),

@@ -38,7 +38,16 @@ pub struct ContextOptions {
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { n_ctx: 4096, n_batch: 512, n_threads: 1, eval_callback: None, eval_user_data: std::ptr::null_mut(), abort_callback: None, cpu_poll: None, op_offload: true }
+        ContextOptions {
+            n_ctx: 4096,
+            n_batch: 512,
+            n_threads: 1,
+            eval_callback: None,
+            eval_user_data: std::ptr::null_mut(),
+            abort_callback: None,
+            cpu_poll: None,
+            op_offload: true,
+        }
     }
 }
 
@@ -101,7 +110,15 @@ impl<'m> Context<'m> {
             },
             None => std::ptr::null_mut(),
         };
-        Ok(Context { ptr, threadpool, model, n_ctx, n_batch: opts.n_batch.max(1), n_past: 0, _not_send: PhantomData })
+        Ok(Context {
+            ptr,
+            threadpool,
+            model,
+            n_ctx,
+            n_batch: opts.n_batch.max(1),
+            n_past: 0,
+            _not_send: PhantomData,
+        })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -145,7 +162,10 @@ impl<'m> Context<'m> {
             };
             match rc {
                 0 => {}
-                1 => bail!("decode failed: no KV cache slot for {} tokens (raise --ctx)", chunk.len()),
+                1 => bail!(
+                    "decode failed: no KV cache slot for {} tokens (raise --ctx)",
+                    chunk.len()
+                ),
                 2 => bail!("decode aborted"),
                 _ => bail!(
                     "decode failed ({rc}): {}",
@@ -194,7 +214,8 @@ impl Drop for Context<'_> {
     }
 }
 
-type ThreadpoolNewFn = unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool;
+type ThreadpoolNewFn =
+    unsafe extern "C" fn(*mut sys::ggml_threadpool_params) -> *mut sys::ggml_threadpool;
 type ThreadpoolFreeFn = unsafe extern "C" fn(*mut sys::ggml_threadpool);
 
 /// `ggml_threadpool_new` / `ggml_threadpool_free`, looked up through the CPU
@@ -227,5 +248,10 @@ fn cpu_threadpool_fns() -> Option<(ThreadpoolNewFn, ThreadpoolFreeFn)> {
     // SAFETY: the addresses are ggml_threadpool_new / ggml_threadpool_free of
     // the CPU backend, whose signatures these types spell out; backends stay
     // loaded for the life of the process.
-    unsafe { Some((std::mem::transmute::<usize, ThreadpoolNewFn>(n), std::mem::transmute::<usize, ThreadpoolFreeFn>(f))) }
+    unsafe {
+        Some((
+            std::mem::transmute::<usize, ThreadpoolNewFn>(n),
+            std::mem::transmute::<usize, ThreadpoolFreeFn>(f),
+        ))
+    }
 }

@@ -69,16 +69,24 @@ impl Device {
     pub fn find(name: Option<&str>) -> Result<Option<Device>> {
         let all = Device::all();
         if let Some(name) = name {
-            let d = all.iter().copied().find(|d| d.name().eq_ignore_ascii_case(name));
+            let d = all
+                .iter()
+                .copied()
+                .find(|d| d.name().eq_ignore_ascii_case(name));
             return match d {
                 Some(d) => Ok(Some(d)),
                 None => {
                     let names: Vec<String> = all.iter().map(Device::name).collect();
-                    bail!("no ggml device named '{name}' (devices: {})", names.join(", "))
+                    bail!(
+                        "no ggml device named '{name}' (devices: {})",
+                        names.join(", ")
+                    )
                 }
             };
         }
-        Ok(all.into_iter().find(|d| matches!(d.kind(), Kind::Gpu | Kind::Igpu)))
+        Ok(all
+            .into_iter()
+            .find(|d| matches!(d.kind(), Kind::Gpu | Kind::Igpu)))
     }
 
     pub fn name(&self) -> String {
@@ -230,12 +238,21 @@ impl Buffer {
     ///
     /// # Safety
     /// `buft` must be a live buffer type (one of a registered device's).
-    pub unsafe fn alloc(buft: sys::ggml_backend_buffer_type_t, len: usize, what: &str) -> Result<Buffer> {
+    pub unsafe fn alloc(
+        buft: sys::ggml_backend_buffer_type_t,
+        len: usize,
+        what: &str,
+    ) -> Result<Buffer> {
         // SAFETY: live buffer type per the caller; ggml returns null on failure.
         let buf = unsafe { sys::ggml_backend_buft_alloc_buffer(buft, len.max(1)) };
         if buf.is_null() {
-            let why = backend::take_last_error().map(|e| format!(": {e}")).unwrap_or_default();
-            bail!("cannot allocate {} for the {what}{why}", crate::scheduler::format_bytes(len as u64));
+            let why = backend::take_last_error()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            bail!(
+                "cannot allocate {} for the {what}{why}",
+                crate::scheduler::format_bytes(len as u64)
+            );
         }
         Buffer::own(buf, len)
     }
@@ -244,11 +261,22 @@ impl Buffer {
     ///
     /// # Safety
     /// The memory must stay mapped for the buffer's lifetime.
-    pub unsafe fn from_host(dev: &Device, ptr: *mut u8, len: usize, max_tensor: usize) -> Result<Buffer> {
+    pub unsafe fn from_host(
+        dev: &Device,
+        ptr: *mut u8,
+        len: usize,
+        max_tensor: usize,
+    ) -> Result<Buffer> {
         // SAFETY: caller guarantees the range; ggml returns null on failure.
-        let buf = unsafe { sys::ggml_backend_dev_buffer_from_host_ptr(dev.raw(), ptr.cast(), len, max_tensor) };
+        let buf = unsafe {
+            sys::ggml_backend_dev_buffer_from_host_ptr(dev.raw(), ptr.cast(), len, max_tensor)
+        };
         if buf.is_null() {
-            bail!("device {} refused to wrap {} of host memory", dev.name(), crate::scheduler::format_bytes(len as u64));
+            bail!(
+                "device {} refused to wrap {} of host memory",
+                dev.name(),
+                crate::scheduler::format_bytes(len as u64)
+            );
         }
         Buffer::own(buf, len)
     }
@@ -294,7 +322,11 @@ impl Buffer {
     /// A 1-D I8 tensor covering `[off, off+len)` of the buffer, so that
     /// ggml's tensor copy functions can address raw ranges.
     fn carrier(&self, off: usize, len: usize) -> sys::ggml_tensor {
-        assert!(off + len <= self.len, "range {off}+{len} outside a buffer of {}", self.len);
+        assert!(
+            off + len <= self.len,
+            "range {off}+{len} outside a buffer of {}",
+            self.len
+        );
         // SAFETY: ggml_tensor is plain data; all-zero is a valid empty tensor.
         let mut t: sys::ggml_tensor = unsafe { std::mem::zeroed() };
         t.type_ = sys::GGML_TYPE_I8;
@@ -346,7 +378,8 @@ impl Drop for Buffer {
 /// round. `None` for a device that computes on host memory.
 pub fn measure_upload(dev: &Device, bytes: usize, rounds: usize) -> Result<(Option<f64>, f64)> {
     // SAFETY: the device's own buffer type.
-    let dst = unsafe { Buffer::alloc(dev.buft(), bytes, "upload bandwidth test") }.context("device buffer")?;
+    let dst = unsafe { Buffer::alloc(dev.buft(), bytes, "upload bandwidth test") }
+        .context("device buffer")?;
     let time = |src: *const u8| -> f64 {
         let mut best = f64::MAX;
         for _ in 0..rounds.max(1) {

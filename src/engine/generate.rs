@@ -28,7 +28,10 @@ impl GenStats {
         rate(self.prompt_tokens, self.prompt_secs)
     }
     pub fn gen_tps(&self) -> f64 {
-        rate(self.gen_decodes.max(1).min(self.gen_tokens.max(1)), self.gen_secs)
+        rate(
+            self.gen_decodes.max(1).min(self.gen_tokens.max(1)),
+            self.gen_secs,
+        )
     }
     pub fn add(&mut self, o: &GenStats) {
         self.prompt_tokens += o.prompt_tokens;
@@ -41,7 +44,11 @@ impl GenStats {
 }
 
 fn rate(n: usize, secs: f64) -> f64 {
-    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+    if secs > 0.0 {
+        n as f64 / secs
+    } else {
+        0.0
+    }
 }
 
 /// What one call of [`generate`] does.
@@ -66,7 +73,10 @@ pub fn generate(
     mut logits_out: Option<&mut LogitsWriter>,
 ) -> Result<(Vec<i32>, GenStats)> {
     let model = ctx.model();
-    let mut stats = GenStats { prompt_tokens: req.prompt.len(), ..GenStats::default() };
+    let mut stats = GenStats {
+        prompt_tokens: req.prompt.len(),
+        ..GenStats::default()
+    };
     let t0 = Instant::now();
     ctx.decode(req.prompt)?;
     stats.prompt_secs = t0.elapsed().as_secs_f64();

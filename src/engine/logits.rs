@@ -25,18 +25,28 @@ pub struct LogitsWriter {
 impl LogitsWriter {
     pub fn create(path: &Path, vocab: usize) -> Result<Self> {
         let vocab = u32::try_from(vocab).context("vocabulary too large")?;
-        let file = File::create(path).with_context(|| format!("{}: cannot create logits file", path.display()))?;
+        let file = File::create(path)
+            .with_context(|| format!("{}: cannot create logits file", path.display()))?;
         let mut out = BufWriter::new(file);
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
         out.write_all(&vocab.to_le_bytes())?;
         out.write_all(&0u64.to_le_bytes())?;
-        Ok(LogitsWriter { out, path: path.to_owned(), vocab, count: 0 })
+        Ok(LogitsWriter {
+            out,
+            path: path.to_owned(),
+            vocab,
+            count: 0,
+        })
     }
 
     pub fn push(&mut self, row: &[f32]) -> Result<()> {
         if row.len() != self.vocab as usize {
-            bail!("logits row has {} values, expected {}", row.len(), self.vocab);
+            bail!(
+                "logits row has {} values, expected {}",
+                row.len(),
+                self.vocab
+            );
         }
         for v in row {
             self.out.write_all(&v.to_le_bytes())?;
@@ -50,7 +60,8 @@ impl LogitsWriter {
         self.out.flush().with_context(ctx)?;
         let file = self.out.get_mut();
         file.seek(SeekFrom::Start(COUNT_OFFSET)).with_context(ctx)?;
-        file.write_all(&self.count.to_le_bytes()).with_context(ctx)?;
+        file.write_all(&self.count.to_le_bytes())
+            .with_context(ctx)?;
         file.sync_all().with_context(ctx)?;
         Ok(())
     }
@@ -74,7 +85,10 @@ impl Logits {
         }
         let version = u32::from_le_bytes(head[8..12].try_into()?);
         if version != VERSION {
-            bail!("{}: logits file version {version}, expected {VERSION}", path.display());
+            bail!(
+                "{}: logits file version {version}, expected {VERSION}",
+                path.display()
+            );
         }
         let vocab = u32::from_le_bytes(head[12..16].try_into()?) as usize;
         let count = u64::from_le_bytes(head[16..24].try_into()?) as usize;
@@ -82,14 +96,21 @@ impl Logits {
         let mut buf = vec![0u8; vocab * 4];
         for _ in 0..count {
             r.read_exact(&mut buf).with_context(ctx)?;
-            rows.push(buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+            rows.push(
+                buf.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            );
         }
         Ok(Logits { vocab, rows })
     }
 
     /// The greedy token of every row.
     pub fn argmax_tokens(&self) -> Vec<i32> {
-        self.rows.iter().map(|r| super::sampler::argmax(r) as i32).collect()
+        self.rows
+            .iter()
+            .map(|r| super::sampler::argmax(r) as i32)
+            .collect()
     }
 }
 

@@ -52,7 +52,13 @@ pub struct LoadOptions<'a> {
 
 impl Default for LoadOptions<'_> {
     fn default() -> Self {
-        LoadOptions { load_mode: LoadMode::Auto, repack: true, buft_overrides: &[], progress: None, n_gpu_layers: 0 }
+        LoadOptions {
+            load_mode: LoadMode::Auto,
+            repack: true,
+            buft_overrides: &[],
+            progress: None,
+            n_gpu_layers: 0,
+        }
     }
 }
 
@@ -91,9 +97,15 @@ impl Model {
         let mut overrides: Vec<sys::llama_model_tensor_buft_override> = patterns
             .iter()
             .zip(opts.buft_overrides)
-            .map(|(p, (_, buft))| sys::llama_model_tensor_buft_override { pattern: p.as_ptr(), buft: *buft })
+            .map(|(p, (_, buft))| sys::llama_model_tensor_buft_override {
+                pattern: p.as_ptr(),
+                buft: *buft,
+            })
             .collect();
-        overrides.push(sys::llama_model_tensor_buft_override { pattern: std::ptr::null(), buft: std::ptr::null_mut() });
+        overrides.push(sys::llama_model_tensor_buft_override {
+            pattern: std::ptr::null(),
+            buft: std::ptr::null_mut(),
+        });
 
         // SAFETY: plain constructor returning a struct by value.
         let mut params = unsafe { sys::llama_model_default_params() };
@@ -117,8 +129,12 @@ impl Model {
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let _ = &mut progress_ref; // the closure must live until here
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            let why = backend::take_last_error().unwrap_or_else(|| "unknown error (run with HYPURA_LOG=info)".into());
-            anyhow!("{}: llama.cpp could not load the model: {why}", path.display())
+            let why = backend::take_last_error()
+                .unwrap_or_else(|| "unknown error (run with HYPURA_LOG=info)".into());
+            anyhow!(
+                "{}: llama.cpp could not load the model: {why}",
+                path.display()
+            )
         })?;
         // SAFETY: ptr is a valid model.
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
@@ -181,14 +197,32 @@ impl Model {
     pub fn token_bytes(&self, token: i32, out: &mut Vec<u8>) {
         let mut buf = [0u8; 256];
         // SAFETY: buf is valid for its length.
-        let n = unsafe { sys::llama_token_to_piece(self.vocab, token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, false) };
+        let n = unsafe {
+            sys::llama_token_to_piece(
+                self.vocab,
+                token,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                false,
+            )
+        };
         if n >= 0 {
             out.extend_from_slice(&buf[..n as usize]);
             return;
         }
         let mut big = vec![0u8; (-n) as usize];
         // SAFETY: big is valid for its length.
-        let n = unsafe { sys::llama_token_to_piece(self.vocab, token, big.as_mut_ptr().cast(), big.len() as i32, 0, false) };
+        let n = unsafe {
+            sys::llama_token_to_piece(
+                self.vocab,
+                token,
+                big.as_mut_ptr().cast(),
+                big.len() as i32,
+                0,
+                false,
+            )
+        };
         if n > 0 {
             out.extend_from_slice(&big[..n as usize]);
         }
@@ -202,11 +236,20 @@ impl Model {
             return None;
         }
         // SAFETY: non-null NUL-terminated string owned by the model.
-        Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
+        Some(
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 
     /// Formats a conversation with `template` (`llama_chat_apply_template`).
-    pub fn apply_chat_template(&self, template: &str, messages: &[(String, String)], add_assistant: bool) -> Result<String> {
+    pub fn apply_chat_template(
+        &self,
+        template: &str,
+        messages: &[(String, String)],
+        add_assistant: bool,
+    ) -> Result<String> {
         let tmpl = CString::new(template).context("chat template contains a NUL byte")?;
         let owned: Vec<(CString, CString)> = messages
             .iter()
@@ -215,13 +258,30 @@ impl Model {
             .context("chat message contains a NUL byte")?;
         let msgs: Vec<sys::llama_chat_message> = owned
             .iter()
-            .map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() })
+            .map(|(r, c)| sys::llama_chat_message {
+                role: r.as_ptr(),
+                content: c.as_ptr(),
+            })
             .collect();
-        let mut buf = vec![0u8; 1024 + messages.iter().map(|(r, c)| r.len() + c.len()).sum::<usize>() * 2];
+        let mut buf = vec![
+            0u8;
+            1024 + messages
+                .iter()
+                .map(|(r, c)| r.len() + c.len())
+                .sum::<usize>()
+                * 2
+        ];
         for _ in 0..2 {
             // SAFETY: all pointers are valid for the call; buf for its length.
             let n = unsafe {
-                sys::llama_chat_apply_template(tmpl.as_ptr(), msgs.as_ptr(), msgs.len(), add_assistant, buf.as_mut_ptr().cast(), buf.len() as i32)
+                sys::llama_chat_apply_template(
+                    tmpl.as_ptr(),
+                    msgs.as_ptr(),
+                    msgs.len(),
+                    add_assistant,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                )
             };
             if n < 0 {
                 bail!("this model's chat template is not supported by llama.cpp");

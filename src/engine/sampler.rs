@@ -11,7 +11,11 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(temp: f32, seed: u64) -> Self {
-        Sampler { temp, rng: SplitMix64(seed), scratch: Vec::new() }
+        Sampler {
+            temp,
+            rng: SplitMix64(seed),
+            scratch: Vec::new(),
+        }
     }
 
     /// Picks the next token from a row of logits.
@@ -112,7 +116,9 @@ mod tests {
         let mut rng = SplitMix64(7);
         for n in [0usize, 1, 2, 15, 16, 17, 31, 33, 100, 1000, 4099] {
             for round in 0..50 {
-                let mut v: Vec<f32> = (0..n).map(|_| (rng.next_f64() * 8.0 - 4.0).round() as f32).collect(); // many ties
+                let mut v: Vec<f32> = (0..n)
+                    .map(|_| (rng.next_f64() * 8.0 - 4.0).round() as f32)
+                    .collect(); // many ties
                 if round % 5 == 1 {
                     for x in v.iter_mut().step_by(3) {
                         *x = f32::NAN;
@@ -138,11 +144,23 @@ mod tests {
     #[test]
     fn temperature_is_seeded() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<i32> = { let mut s = Sampler::new(0.8, 7); (0..50).map(|_| s.sample(&logits)).collect() };
-        let b: Vec<i32> = { let mut s = Sampler::new(0.8, 7); (0..50).map(|_| s.sample(&logits)).collect() };
-        let c: Vec<i32> = { let mut s = Sampler::new(0.8, 8); (0..50).map(|_| s.sample(&logits)).collect() };
+        let a: Vec<i32> = {
+            let mut s = Sampler::new(0.8, 7);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<i32> = {
+            let mut s = Sampler::new(0.8, 7);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let c: Vec<i32> = {
+            let mut s = Sampler::new(0.8, 8);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert!(a.iter().any(|&t| t != a[0]), "temperature sampling should vary");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature sampling should vary"
+        );
     }
 }

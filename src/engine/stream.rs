@@ -348,13 +348,17 @@ impl Streamer {
     /// Takes over the streamed tensors llama.cpp placed in `buft` (after the
     /// model is loaded and names are restored) and sets up the pool; `gpu` is
     /// the device for the GPU modes.
-    pub fn new(plan: &Plan, buft: &StreamBufferType, reader: Box<dyn ReadBackend>, gpu: Option<(Device, Upload)>) -> Result<Box<Streamer>> {
+    pub fn new(
+        plan: &Plan,
+        buft: &StreamBufferType,
+        reader: Box<dyn ReadBackend>,
+        gpu: Option<(Device, Upload)>,
+    ) -> Result<Box<Streamer>> {
         let reported = buft.reported();
         let find = |name: &str| -> Result<&ReportedTensor> {
-            reported
-                .iter()
-                .find(|r| r.name == name)
-                .with_context(|| format!("llama.cpp did not place '{name}' in the streaming buffer"))
+            reported.iter().find(|r| r.name == name).with_context(|| {
+                format!("llama.cpp did not place '{name}' in the streaming buffer")
+            })
         };
         let gpu = match (plan.mode.on_gpu(), gpu) {
             (true, Some(g)) => Some(g),
@@ -362,9 +366,23 @@ impl Streamer {
             (false, _) => None,
         };
         let staged = gpu.as_ref().is_some_and(|(_, u)| *u == Upload::Staged);
-        let n_layer = plan.streamed.iter().map(|t| t.layer as usize + 1).max().unwrap_or(0);
-        let max_tensor = plan.streamed.iter().map(|t| t.size as usize).max().unwrap_or(ALIGN);
-        let guard = Mapping::new(max_tensor + ALIGN, nix::sys::mman::ProtFlags::PROT_NONE, true)?;
+        let n_layer = plan
+            .streamed
+            .iter()
+            .map(|t| t.layer as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let max_tensor = plan
+            .streamed
+            .iter()
+            .map(|t| t.size as usize)
+            .max()
+            .unwrap_or(ALIGN);
+        let guard = Mapping::new(
+            max_tensor + ALIGN,
+            nix::sys::mman::ProtFlags::PROT_NONE,
+            true,
+        )?;
         let mut s = Streamer {
             reader,
             mode: plan.mode,
@@ -407,7 +425,12 @@ impl Streamer {
                 for t in &plan.streamed {
                     let r = find(&t.name)?;
                     if r.nbytes as u64 != t.size {
-                        bail!("'{}': llama.cpp has {} bytes, the file {}", t.name, r.nbytes, t.size);
+                        bail!(
+                            "'{}': llama.cpp has {} bytes, the file {}",
+                            t.name,
+                            r.nbytes,
+                            t.size
+                        );
                     }
                     let layer = layers[t.layer as usize].get_or_insert_with(|| DenseLayer {
                         tensors: Vec::new(),
@@ -418,23 +441,42 @@ impl Streamer {
                         ram_valid: false,
                         dev_slot: usize::MAX,
                     });
-                    let in_slot = layer.tensors.iter().map(|d| slot_len_for(d.file_offset, d.size)).sum();
+                    let in_slot = layer
+                        .tensors
+                        .iter()
+                        .map(|d| slot_len_for(d.file_offset, d.size))
+                        .sum();
                     // Device layout: each tensor at an aligned offset, with
                     // the room (row padding) the device's kernels expect.
                     let (dev_off, dev_pad) = match &gpu {
                         Some((dev, Upload::Staged)) => {
-                            let off = layer.tensors.last().map_or(0, |d: &DenseTensor| align_dev(dev, d.dev_off + d.size + d.dev_pad));
+                            let off = layer.tensors.last().map_or(0, |d: &DenseTensor| {
+                                align_dev(dev, d.dev_off + d.size + d.dev_pad)
+                            });
                             // SAFETY: a tensor of the loaded model (reported by the buffer type).
-                            (off, unsafe { dev.alloc_size(r.tensor) }.saturating_sub(r.nbytes))
+                            (
+                                off,
+                                unsafe { dev.alloc_size(r.tensor) }.saturating_sub(r.nbytes),
+                            )
                         }
                         _ => (0, 0),
                     };
-                    layer.tensors.push(DenseTensor { tensor: r.tensor, zeros: r.data, file_offset: t.file_offset, size: t.size as usize, in_slot, dev_off, dev_pad });
+                    layer.tensors.push(DenseTensor {
+                        tensor: r.tensor,
+                        zeros: r.data,
+                        file_offset: t.file_offset,
+                        size: t.size as usize,
+                        in_slot,
+                        dev_off,
+                        dev_pad,
+                    });
                 }
                 for l in layers.iter_mut().flatten() {
                     l.tickets.reserve_exact(l.tensors.len());
                 }
-                s.order = (0..n_layer as u32).filter(|&l| layers[l as usize].is_some()).collect();
+                s.order = (0..n_layer as u32)
+                    .filter(|&l| layers[l as usize].is_some())
+                    .collect();
                 for (i, &l) in s.order.iter().enumerate() {
                     s.pos_of[l as usize] = i;
                 }
@@ -445,9 +487,13 @@ impl Streamer {
                 let pinned = match &gpu {
                     Some((dev, Upload::Staged)) => dev.staging_buft().and_then(|hb| {
                         // SAFETY: a buffer type of the registered device (its own or its host one).
-                        unsafe { Buffer::alloc(hb, n_slots * s.slot_bytes + ALIGN, "pinned staging") }
-                            .map_err(|e| tracing::warn!("no pinned staging ({e:#}): staging in pageable memory"))
-                            .ok()
+                        unsafe {
+                            Buffer::alloc(hb, n_slots * s.slot_bytes + ALIGN, "pinned staging")
+                        }
+                        .map_err(|e| {
+                            tracing::warn!("no pinned staging ({e:#}): staging in pageable memory")
+                        })
+                        .ok()
                     }),
                     _ => None,
                 };
@@ -455,7 +501,12 @@ impl Streamer {
                     let base = p.aligned_base(ALIGN);
                     let _ = s.reader.register_buffers(&[(base, n_slots * s.slot_bytes)]);
                 } else {
-                    let pool = Mapping::new(n_slots * s.slot_bytes, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, false)?;
+                    let pool = Mapping::new(
+                        n_slots * s.slot_bytes,
+                        nix::sys::mman::ProtFlags::PROT_READ
+                            | nix::sys::mman::ProtFlags::PROT_WRITE,
+                        false,
+                    )?;
                     let _ = s.reader.register_buffers(&[(pool.base(), pool.len)]);
                     s.pool = Some(pool);
                 }
@@ -465,18 +516,30 @@ impl Streamer {
                     if upload == Upload::Staged {
                         s.ram_tier_for(&dev, plan);
                     }
-                    let n_dev = plan.gpu.as_ref().map_or(n_slots, |g| g.n_slots).clamp(1, n_slots);
+                    let n_dev = plan
+                        .gpu
+                        .as_ref()
+                        .map_or(n_slots, |g| g.n_slots)
+                        .clamp(1, n_slots);
                     s.gpu = Some(match upload {
-                        Upload::Staged => Self::staged_dense_pool(&s, dev, pinned, n_dev, max_tensor)?,
+                        Upload::Staged => {
+                            Self::staged_dense_pool(&s, dev, pinned, n_dev, max_tensor)?
+                        }
                         _ => {
                             let pool = s.pool.as_ref().context("no pool")?;
                             // SAFETY: the pool mapping lives as long as the streamer (the
                             // buffer is dropped first: field order of GpuPool inside Streamer).
-                            let buf = unsafe { Buffer::from_host(&dev, pool.base(), pool.len, max_tensor) }?;
+                            let buf = unsafe {
+                                Buffer::from_host(&dev, pool.base(), pool.len, max_tensor)
+                            }?;
                             Self::pool_of(upload, buf, None, 0)
                         }
                     });
-                    let raw = s.gpu.as_ref().map(|g| g.buf.raw()).unwrap_or(std::ptr::null_mut());
+                    let raw = s
+                        .gpu
+                        .as_ref()
+                        .map(|g| g.buf.raw())
+                        .unwrap_or(std::ptr::null_mut());
                     for l in s.dense.iter().flatten() {
                         for t in &l.tensors {
                             // SAFETY: tensor of the live model: from now on its ops run on
@@ -496,17 +559,30 @@ impl Streamer {
                 for t in &plan.streamed {
                     let r = find(&t.name)?;
                     if r.nbytes as u64 != t.size {
-                        bail!("'{}': llama.cpp has {} bytes, the file {}", t.name, r.nbytes, t.size);
+                        bail!(
+                            "'{}': llama.cpp has {} bytes, the file {}",
+                            t.name,
+                            r.nbytes,
+                            t.size
+                        );
                     }
                     let n = t.n_experts.unwrap_or(1).max(1) as usize;
                     if !(t.size as usize).is_multiple_of(n) {
-                        bail!("'{}': {} bytes do not split into {n} experts", t.name, t.size);
+                        bail!(
+                            "'{}': {} bytes do not split into {n} experts",
+                            t.name,
+                            t.size
+                        );
                     }
                     let start = cursor + slot_offset_for(t.file_offset);
                     layout.push((t, r.tensor, start, n));
                     cursor += slot_len_for(t.file_offset, t.size as usize) + ALIGN;
                 }
-                let arena = Mapping::new(cursor, nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE, true)?;
+                let arena = Mapping::new(
+                    cursor,
+                    nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                    true,
+                )?;
                 let mut max_n = 1usize;
                 for (t, tensor, start, n) in layout {
                     let layer = layers[t.layer as usize].get_or_insert_with(|| ExpertLayer {
@@ -521,7 +597,10 @@ impl Streamer {
                         cache_slot: vec![u32::MAX; n],
                     });
                     if layer.n() != n {
-                        bail!("layer {}: expert tensors disagree on the expert count", t.layer);
+                        bail!(
+                            "layer {}: expert tensors disagree on the expert count",
+                            t.layer
+                        );
                     }
                     // SAFETY: `start` lies inside the arena (cursor accounting above).
                     let base = unsafe { arena.base().add(start) };
@@ -529,14 +608,29 @@ impl Streamer {
                     layer.expert_mem += slot_len_for(0, expert_bytes) as u64;
                     let (dev_off, dev_pad) = match &gpu {
                         Some((dev, Upload::Staged)) => {
-                            let off = layer.tensors.last().map_or(0, |d: &ExpertTensor| align_dev(dev, d.dev_off + d.expert_bytes * n + d.dev_pad));
+                            let off = layer.tensors.last().map_or(0, |d: &ExpertTensor| {
+                                align_dev(dev, d.dev_off + d.expert_bytes * n + d.dev_pad)
+                            });
                             // SAFETY: a tensor of the loaded model (reported by the buffer type).
-                            (off, unsafe { dev.alloc_size(tensor) }.saturating_sub(t.size as usize))
+                            (
+                                off,
+                                unsafe { dev.alloc_size(tensor) }.saturating_sub(t.size as usize),
+                            )
                         }
                         _ => (0, 0),
                     };
-                    let piece_off = layer.tensors.last().map_or(0, |d: &ExpertTensor| d.piece_off + slot_len_for(0, d.expert_bytes) + ALIGN);
-                    layer.tensors.push(ExpertTensor { file_offset: t.file_offset, expert_bytes, base, tensor, dev_off, dev_pad, piece_off });
+                    let piece_off = layer.tensors.last().map_or(0, |d: &ExpertTensor| {
+                        d.piece_off + slot_len_for(0, d.expert_bytes) + ALIGN
+                    });
+                    layer.tensors.push(ExpertTensor {
+                        file_offset: t.file_offset,
+                        expert_bytes,
+                        base,
+                        tensor,
+                        dev_off,
+                        dev_pad,
+                        piece_off,
+                    });
                     if !staged {
                         // SAFETY: the tensor belongs to the loaded model; experts
                         // now live in the arena (only loaded ones are valid).
@@ -561,7 +655,9 @@ impl Streamer {
                         }
                         _ => {
                             // SAFETY: the arena lives as long as the streamer.
-                            let buf = unsafe { Buffer::from_host(&dev, arena.base(), arena.len, max_tensor) }?;
+                            let buf = unsafe {
+                                Buffer::from_host(&dev, arena.base(), arena.len, max_tensor)
+                            }?;
                             Self::pool_of(upload, buf, None, 0)
                         }
                     };
@@ -590,11 +686,17 @@ impl Streamer {
             .experts
             .iter()
             .flatten()
-            .filter_map(|l| l.tensors.last().map(|t| t.piece_off + slot_len_for(0, t.expert_bytes) + ALIGN))
+            .filter_map(|l| {
+                l.tensors
+                    .last()
+                    .map(|t| t.piece_off + slot_len_for(0, t.expert_bytes) + ALIGN)
+            })
             .max()
             .unwrap_or(0);
         let n_experts: usize = self.experts.iter().flatten().map(|l| l.n()).sum();
-        let n = ((plan.pool_bytes as usize) / slot.max(1)).min(n_experts).min(u32::MAX as usize);
+        let n = ((plan.pool_bytes as usize) / slot.max(1))
+            .min(n_experts)
+            .min(u32::MAX as usize);
         if slot == 0 || n == 0 {
             return;
         }
@@ -612,20 +714,34 @@ impl Streamer {
                 self.cache_free = (0..n as u32).rev().collect();
                 self.cache = Some(buf);
             }
-            Err(e) => tracing::warn!("no pinned expert cache ({e:#}): copies to the GPU from pageable memory"),
+            Err(e) => tracing::warn!(
+                "no pinned expert cache ({e:#}): copies to the GPU from pageable memory"
+            ),
         }
     }
 
     /// Staged dense: pinned RAM for the plan's RAM-tier layers (each laid
     /// out as in a staging slot). Without it they are read like the others.
     fn ram_tier_for(&mut self, dev: &Device, plan: &Plan) {
-        let layers: Vec<usize> = plan.ram_layers.iter().map(|&l| l as usize).filter(|&l| self.dense.get(l).is_some_and(Option::is_some)).collect();
+        let layers: Vec<usize> = plan
+            .ram_layers
+            .iter()
+            .map(|&l| l as usize)
+            .filter(|&l| self.dense.get(l).is_some_and(Option::is_some))
+            .collect();
         if layers.is_empty() {
             return;
         }
         let sizes: Vec<usize> = layers
             .iter()
-            .map(|&l| self.dense[l].as_ref().map_or(0, |d| d.tensors.iter().map(|t| slot_len_for(t.file_offset, t.size)).sum()))
+            .map(|&l| {
+                self.dense[l].as_ref().map_or(0, |d| {
+                    d.tensors
+                        .iter()
+                        .map(|t| slot_len_for(t.file_offset, t.size))
+                        .sum()
+                })
+            })
             .collect();
         let total: usize = sizes.iter().sum();
         let Some(hb) = dev.staging_buft() else { return };
@@ -643,7 +759,9 @@ impl Streamer {
                 let _ = self.reader.register_buffers(&[(base, total)]);
                 self.ram_tier = Some(buf);
             }
-            Err(e) => tracing::warn!("no RAM tier ({e:#}): those layers are read from disk every token"),
+            Err(e) => {
+                tracing::warn!("no RAM tier ({e:#}): those layers are read from disk every token")
+            }
         }
     }
 
@@ -663,7 +781,12 @@ impl Streamer {
         }
     }
 
-    fn pool_of(upload: Upload, buf: Buffer, pinned: Option<Buffer>, dev_slot_bytes: usize) -> GpuPool {
+    fn pool_of(
+        upload: Upload,
+        buf: Buffer,
+        pinned: Option<Buffer>,
+        dev_slot_bytes: usize,
+    ) -> GpuPool {
         GpuPool {
             upload,
             buf: Arc::new(buf),
@@ -682,7 +805,13 @@ impl Streamer {
 
     /// Device slots for dense layers (paired with the host staging slots),
     /// a 0xFF guard, and the uploader thread.
-    fn staged_dense_pool(s: &Streamer, dev: Device, pinned: Option<Buffer>, n_slots: usize, max_tensor: usize) -> Result<GpuPool> {
+    fn staged_dense_pool(
+        s: &Streamer,
+        dev: Device,
+        pinned: Option<Buffer>,
+        n_slots: usize,
+        max_tensor: usize,
+    ) -> Result<GpuPool> {
         let align = dev.alignment().max(256);
         let dev_slot = s
             .dense
@@ -692,17 +821,40 @@ impl Streamer {
             .max()
             .unwrap_or(0)
             .next_multiple_of(align);
-        let max_dev_tensor = s.dense.iter().flatten().flat_map(|l| l.tensors.iter().map(|t| t.size + t.dev_pad)).max().unwrap_or(max_tensor);
+        let max_dev_tensor = s
+            .dense
+            .iter()
+            .flatten()
+            .flat_map(|l| l.tensors.iter().map(|t| t.size + t.dev_pad))
+            .max()
+            .unwrap_or(max_tensor);
         let guard_off = n_slots * dev_slot;
         // SAFETY: a buffer type of the registered device (its own or its host one).
-        let buf = unsafe { Buffer::alloc(dev.buft(), guard_off + max_dev_tensor, &format!("{} streaming slots", dev.name())) }?;
+        let buf = unsafe {
+            Buffer::alloc(
+                dev.buft(),
+                guard_off + max_dev_tensor,
+                &format!("{} streaming slots", dev.name()),
+            )
+        }?;
         buf.clear(0);
         buf.fill(guard_off, 0xFF, max_dev_tensor);
         // The copy list of every layer, for the uploader thread.
         let mut table: Vec<Vec<CopyItem>> = vec![Vec::new(); s.dense.len()];
         for (i, l) in s.dense.iter().enumerate() {
             let Some(l) = l else { continue };
-            table[i] = l.tensors.iter().map(|t| (t.in_slot + slot_offset_for(t.file_offset), t.dev_off, t.size, t.dev_pad)).collect();
+            table[i] = l
+                .tensors
+                .iter()
+                .map(|t| {
+                    (
+                        t.in_slot + slot_offset_for(t.file_offset),
+                        t.dev_off,
+                        t.size,
+                        t.dev_pad,
+                    )
+                })
+                .collect();
         }
 
         let mut pool = Self::pool_of(Upload::Staged, buf, pinned, dev_slot);
@@ -730,19 +882,32 @@ impl Streamer {
                 }
             })
             .context("cannot start the upload thread")?;
-        pool.uploader = Some(Uploader { jobs: Some(job_tx), done: done_rx, thread: Some(thread) });
+        pool.uploader = Some(Uploader {
+            jobs: Some(job_tx),
+            done: done_rx,
+            thread: Some(thread),
+        });
         Ok(pool)
     }
 
     /// Device slots for expert layers: one per dedicated layer, the rest
     /// shared round-robin by the other layers.
-    fn staged_expert_pool(s: &mut Streamer, plan: &Plan, dev: Device, max_n: usize) -> Result<GpuPool> {
+    fn staged_expert_pool(
+        s: &mut Streamer,
+        plan: &Plan,
+        dev: Device,
+        max_n: usize,
+    ) -> Result<GpuPool> {
         let align = dev.alignment().max(256);
         let dev_slot = s
             .experts
             .iter()
             .flatten()
-            .filter_map(|l| l.tensors.last().map(|t| t.dev_off + t.expert_bytes * l.n() + t.dev_pad))
+            .filter_map(|l| {
+                l.tensors
+                    .last()
+                    .map(|t| t.dev_off + t.expert_bytes * l.n() + t.dev_pad)
+            })
             .max()
             .unwrap_or(0)
             .next_multiple_of(align);
@@ -750,7 +915,13 @@ impl Streamer {
         let n_layers = s.experts.iter().flatten().count();
         let n_slots = gp.n_slots.clamp(1, n_layers.max(1));
         // SAFETY: a buffer type of the registered device (its own or its host one).
-        let buf = unsafe { Buffer::alloc(dev.buft(), n_slots * dev_slot, &format!("{} expert slots", dev.name())) }?;
+        let buf = unsafe {
+            Buffer::alloc(
+                dev.buft(),
+                n_slots * dev_slot,
+                &format!("{} expert slots", dev.name()),
+            )
+        }?;
         buf.clear(0);
         let mut pool = Self::pool_of(Upload::Staged, buf, None, dev_slot);
         pool.slot_owner = vec![usize::MAX; n_slots];
@@ -758,25 +929,46 @@ impl Streamer {
         let mut next = 0usize;
         for (li, l) in s.experts.iter_mut().enumerate() {
             let Some(l) = l else { continue };
-            if gp.dedicated_layers.contains(&(li as u32)) && next < n_slots && (n_slots == n_layers || next + 1 < n_slots) {
+            if gp.dedicated_layers.contains(&(li as u32))
+                && next < n_slots
+                && (n_slots == n_layers || next + 1 < n_slots)
+            {
                 l.dedicated_slot = Some(next);
                 pool.slot_owner[next] = li;
                 for t in &l.tensors {
                     // SAFETY: inside the device buffer (slot layout above); the tensor
                     // is the model's, its experts now live in this slot.
-                    unsafe { (*t.tensor).data = pool.buf.base().add(next * dev_slot + t.dev_off).cast() };
+                    unsafe {
+                        (*t.tensor).data = pool.buf.base().add(next * dev_slot + t.dev_off).cast()
+                    };
                 }
                 next += 1;
             }
         }
         pool.shared = (next..n_slots).collect();
-        if pool.shared.is_empty() && s.experts.iter().flatten().any(|l| l.dedicated_slot.is_none()) {
+        if pool.shared.is_empty()
+            && s.experts
+                .iter()
+                .flatten()
+                .any(|l| l.dedicated_slot.is_none())
+        {
             bail!("no shared GPU slot left for the layers without their own");
         }
-        for l in s.experts.iter().flatten().filter(|l| l.dedicated_slot.is_none()) {
+        for l in s
+            .experts
+            .iter()
+            .flatten()
+            .filter(|l| l.dedicated_slot.is_none())
+        {
             for t in &l.tensors {
                 // SAFETY: a valid device address until the layer gets its slot.
-                unsafe { (*t.tensor).data = pool.buf.base().add(pool.shared[0] * dev_slot + t.dev_off).cast() };
+                unsafe {
+                    (*t.tensor).data = pool
+                        .buf
+                        .base()
+                        .add(pool.shared[0] * dev_slot + t.dev_off)
+                        .cast()
+                };
             }
         }
         Ok(pool)
@@ -785,7 +977,10 @@ impl Streamer {
     /// The callback and user data to put in the context parameters. The
     /// streamer must outlive the context.
     pub fn callback(self: &mut Box<Self>) -> (EvalCallback, *mut c_void) {
-        (Some(eval_callback), (&mut **self) as *mut Streamer as *mut c_void)
+        (
+            Some(eval_callback),
+            (&mut **self) as *mut Streamer as *mut c_void,
+        )
     }
 
     /// Puts the eval and abort callbacks into context options.
@@ -815,7 +1010,9 @@ impl Streamer {
     fn guard_ptr(&self) -> *mut c_void {
         match &self.gpu {
             // SAFETY: guard_off + the largest tensor lies inside the buffer.
-            Some(g) if g.upload == Upload::Staged => unsafe { g.buf.base().add(g.guard_off) }.cast(),
+            Some(g) if g.upload == Upload::Staged => {
+                unsafe { g.buf.base().add(g.guard_off) }.cast()
+            }
             _ => self.guard.base().cast(),
         }
     }
@@ -830,7 +1027,15 @@ impl Streamer {
             }
         }
         // The weights that make a node wait for its layer, sorted for lookup.
-        self.weight_layer = self.dense.iter().enumerate().flat_map(|(i, l)| l.iter().flat_map(move |l| l.tensors.iter().map(move |t| (t.tensor as usize, i)))).collect();
+        self.weight_layer = self
+            .dense
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.iter()
+                    .flat_map(move |l| l.tensors.iter().map(move |t| (t.tensor as usize, i)))
+            })
+            .collect();
         self.weight_layer.sort_unstable();
     }
 
@@ -842,7 +1047,10 @@ impl Streamer {
         // SAFETY: ggml passes a live node; its sources are live or null.
         let srcs = unsafe { (*t).src };
         srcs.iter().filter(|p| !p.is_null()).find_map(|&p| {
-            self.weight_layer.binary_search_by_key(&(p as usize), |&(k, _)| k).ok().map(|i| self.weight_layer[i].1)
+            self.weight_layer
+                .binary_search_by_key(&(p as usize), |&(k, _)| k)
+                .ok()
+                .map(|i| self.weight_layer[i].1)
         })
     }
 
@@ -906,7 +1114,10 @@ impl Streamer {
         if self.error.is_none() {
             self.error = Some(format!("{e:#}"));
         }
-        let staged = self.gpu.as_ref().is_some_and(|g| g.upload == Upload::Staged);
+        let staged = self
+            .gpu
+            .as_ref()
+            .is_some_and(|g| g.upload == Upload::Staged);
         let guard = self.guard_ptr();
         for l in self.dense.iter().flatten() {
             for t in &l.tensors {
@@ -928,7 +1139,9 @@ impl Streamer {
     fn submit_layer(&mut self, layer: usize) -> Result<()> {
         let host_base = self.host_pool_base()?;
         let ram_base = self.ram_tier.as_ref().map(|b| b.aligned_base(ALIGN));
-        let Some(l) = self.dense[layer].as_mut() else { return Ok(()) };
+        let Some(l) = self.dense[layer].as_mut() else {
+            return Ok(());
+        };
         if l.state != LayerState::Idle {
             return Ok(());
         }
@@ -938,7 +1151,10 @@ impl Streamer {
         let slot_base = match (l.ram_off, ram_base) {
             (Some(off), Some(base)) => base.wrapping_add(off),
             _ => {
-                let slot = self.free_slots.pop().context("streaming pool exhausted (no free slot)")?;
+                let slot = self
+                    .free_slots
+                    .pop()
+                    .context("streaming pool exhausted (no free slot)")?;
                 l.slot = slot;
                 // SAFETY: slot < n_slots, inside the host pool.
                 unsafe { host_base.add(slot * self.slot_bytes) }
@@ -961,7 +1177,8 @@ impl Streamer {
             };
             // SAFETY: the slot is ours until the layer is released, and no
             // tensor points into it until the read has completed.
-            let ticket = unsafe { self.reader.submit(req) }.with_context(|| format!("layer {layer}: cannot submit read"))?;
+            let ticket = unsafe { self.reader.submit(req) }
+                .with_context(|| format!("layer {layer}: cannot submit read"))?;
             l.tickets.push(ticket);
             self.metrics.bytes_read += cap as u64;
             self.metrics.reads += 1;
@@ -981,9 +1198,14 @@ impl Streamer {
     /// Brings `layer` to Ready: submits its reads if nobody did, waits for
     /// them, and on a staged device has it copied and waits for the copy.
     fn ensure_ready(&mut self, layer: usize) -> Result<()> {
-        let staged = self.gpu.as_ref().is_some_and(|g| g.upload == Upload::Staged);
+        let staged = self
+            .gpu
+            .as_ref()
+            .is_some_and(|g| g.upload == Upload::Staged);
         loop {
-            let Some(state) = self.dense[layer].as_ref().map(|l| l.state) else { return Ok(()) };
+            let Some(state) = self.dense[layer].as_ref().map(|l| l.state) else {
+                return Ok(());
+            };
             match state {
                 LayerState::Ready => return Ok(()),
                 LayerState::Idle => self.submit_layer(layer)?,
@@ -991,7 +1213,9 @@ impl Streamer {
                     let t0 = Instant::now();
                     let l = self.dense[layer].as_mut().context("dense layer")?;
                     for &tk in &l.tickets {
-                        self.reader.wait(tk).with_context(|| format!("layer {layer}: read failed"))?;
+                        self.reader
+                            .wait(tk)
+                            .with_context(|| format!("layer {layer}: read failed"))?;
                     }
                     l.tickets.clear();
                     let waited = t0.elapsed().as_nanos() as u64;
@@ -1011,7 +1235,11 @@ impl Streamer {
                         // SAFETY: the read into this slot completed; the bytes of the
                         // tensor start at its in-slot offset plus file offset mod 4096.
                         unsafe {
-                            let p = base.add(l.slot * self.slot_bytes + t.in_slot + slot_offset_for(t.file_offset));
+                            let p = base.add(
+                                l.slot * self.slot_bytes
+                                    + t.in_slot
+                                    + slot_offset_for(t.file_offset),
+                            );
                             (*t.tensor).data = p.cast();
                         }
                     }
@@ -1027,7 +1255,13 @@ impl Streamer {
                     let l = self.dense[layer].as_mut().context("dense layer")?;
                     for t in &l.tensors {
                         // SAFETY: the copy into this device slot completed (done received).
-                        unsafe { (*t.tensor).data = g.buf.base().add(l.dev_slot * g.dev_slot_bytes + t.dev_off).cast() };
+                        unsafe {
+                            (*t.tensor).data = g
+                                .buf
+                                .base()
+                                .add(l.dev_slot * g.dev_slot_bytes + t.dev_off)
+                                .cast()
+                        };
                     }
                     l.state = LayerState::Ready;
                 }
@@ -1039,9 +1273,14 @@ impl Streamer {
     /// into a free device slot; false when none is free (yet).
     fn dispatch_upload(&mut self, layer: usize) -> Result<bool> {
         let host_base = self.host_pool_base()? as usize;
-        let ram_base = self.ram_tier.as_ref().map(|b| b.aligned_base(ALIGN) as usize);
+        let ram_base = self
+            .ram_tier
+            .as_ref()
+            .map(|b| b.aligned_base(ALIGN) as usize);
         let g = self.gpu.as_mut().context("device pool")?;
-        let Some(dev_slot) = g.dev_free.pop() else { return Ok(false) };
+        let Some(dev_slot) = g.dev_free.pop() else {
+            return Ok(false);
+        };
         g.next_copy = (self.pos_of[layer] + 1) % self.order.len().max(1);
         let l = self.dense[layer].as_mut().context("dense layer")?;
         debug_assert!(l.tickets.is_empty());
@@ -1053,7 +1292,11 @@ impl Streamer {
             }
             _ => host_base + l.slot * self.slot_bytes,
         };
-        let up = self.gpu.as_ref().and_then(|g| g.uploader.as_ref()).context("no uploader")?;
+        let up = self
+            .gpu
+            .as_ref()
+            .and_then(|g| g.uploader.as_ref())
+            .context("no uploader")?;
         // Never blocks: at most n_slots layers are in flight and the queue holds n_slots + 1.
         up.jobs
             .as_ref()
@@ -1069,8 +1312,16 @@ impl Streamer {
     /// finished on the way are marked too).
     fn wait_upload(&mut self, layer: usize) -> Result<()> {
         loop {
-            let up = self.gpu.as_ref().and_then(|g| g.uploader.as_ref()).context("no uploader")?;
-            let done = up.done.recv().map_err(|_| anyhow::anyhow!("the upload thread stopped"))? as usize;
+            let up = self
+                .gpu
+                .as_ref()
+                .and_then(|g| g.uploader.as_ref())
+                .context("no uploader")?;
+            let done = up
+                .done
+                .recv()
+                .map_err(|_| anyhow::anyhow!("the upload thread stopped"))?
+                as usize;
             if let Some(l) = self.dense.get_mut(done).and_then(Option::as_mut) {
                 debug_assert_eq!(l.state, LayerState::Uploading);
                 l.state = LayerState::Uploaded;
@@ -1090,11 +1341,20 @@ impl Streamer {
     /// their copy overlaps the GPU's compute of the layers before them;
     /// strictly in compute order, while device slots are free.
     fn poll_uploads(&mut self) {
-        let Some(start) = self.gpu.as_ref().filter(|g| g.upload == Upload::Staged).map(|g| g.next_copy) else { return };
+        let Some(start) = self
+            .gpu
+            .as_ref()
+            .filter(|g| g.upload == Upload::Staged)
+            .map(|g| g.next_copy)
+        else {
+            return;
+        };
         let n = self.order.len();
         for i in 0..n {
             let layer = self.order[(start + i) % n] as usize;
-            let Some(l) = self.dense[layer].as_mut() else { continue };
+            let Some(l) = self.dense[layer].as_mut() else {
+                continue;
+            };
             match l.state {
                 LayerState::Loading => {}
                 LayerState::Idle => return, // not read yet: later layers wait their turn
@@ -1108,7 +1368,8 @@ impl Streamer {
                     }
                     Ok(None) => j += 1,
                     Err(e) => {
-                        let e = anyhow::Error::new(e).context(format!("layer {layer}: read failed"));
+                        let e =
+                            anyhow::Error::new(e).context(format!("layer {layer}: read failed"));
                         self.fail(e);
                         return;
                     }
@@ -1130,7 +1391,9 @@ impl Streamer {
 
     fn release(&mut self, layer: usize) {
         let guard = self.guard_ptr();
-        let Some(l) = self.dense[layer].as_mut() else { return };
+        let Some(l) = self.dense[layer].as_mut() else {
+            return;
+        };
         if l.state != LayerState::Ready {
             return;
         }
@@ -1160,10 +1423,14 @@ impl Streamer {
         }
         let n = self.order.len();
         // First streamed layer after `layer` in cyclic order.
-        let start = (layer + 1..self.n_layer).find(|&l| self.pos_of[l] != usize::MAX).map_or(0, |l| self.pos_of[l]);
+        let start = (layer + 1..self.n_layer)
+            .find(|&l| self.pos_of[l] != usize::MAX)
+            .map_or(0, |l| self.pos_of[l]);
         for i in 0..self.lookahead.min(n) {
             let next = self.order[(start + i) % n] as usize;
-            let needs_slot = self.dense[next].as_ref().is_some_and(|l| l.ram_off.is_none() || self.ram_tier.is_none());
+            let needs_slot = self.dense[next]
+                .as_ref()
+                .is_some_and(|l| l.ram_off.is_none() || self.ram_tier.is_none());
             if self.free_slots.is_empty() && needs_slot {
                 break;
             }
@@ -1187,12 +1454,18 @@ impl Streamer {
             if t.type_ != sys::GGML_TYPE_I32 {
                 bail!("layer {layer}: router top-k is not I32");
             }
-            (t.ne[0] as usize, t.ne[1] as usize, t.nb[1], t.data as *const u8)
+            (
+                t.ne[0] as usize,
+                t.ne[1] as usize,
+                t.nb[1],
+                t.data as *const u8,
+            )
         };
         // On a GPU (attention there, experts on the CPU) the ids are copied
         // back first; the view's strided bytes come along as they are.
         // SAFETY: live node; its buffer pointer is valid or null.
-        let on_host = unsafe { (*topk).buffer.is_null() || sys::ggml_backend_buffer_is_host((*topk).buffer) };
+        let on_host =
+            unsafe { (*topk).buffer.is_null() || sys::ggml_backend_buffer_is_host((*topk).buffer) };
         if !on_host {
             // SAFETY: live node.
             let nbytes = unsafe { sys::ggml_nbytes(topk) };
@@ -1200,7 +1473,9 @@ impl Streamer {
                 self.ids_bytes.resize(nbytes, 0); // grows once to the largest batch
             }
             // SAFETY: ids_bytes holds nbytes; the backend copies the view's range.
-            unsafe { sys::ggml_backend_tensor_get(topk, self.ids_bytes.as_mut_ptr().cast(), 0, nbytes) };
+            unsafe {
+                sys::ggml_backend_tensor_get(topk, self.ids_bytes.as_mut_ptr().cast(), 0, nbytes)
+            };
             data = self.ids_bytes.as_ptr();
         }
         let n_exp = self.experts[layer].as_ref().context("expert layer")?.n();
@@ -1267,7 +1542,9 @@ impl Streamer {
         self.tickets_scratch.clear();
         for i in 0..self.ids_scratch.len() {
             let e = self.ids_scratch[i] as usize;
-            let state = self.experts[layer].as_ref().map_or(ExpertState::Loaded, |l| l.state[e]);
+            let state = self.experts[layer]
+                .as_ref()
+                .map_or(ExpertState::Loaded, |l| l.state[e]);
             match state {
                 ExpertState::Empty => {
                     self.metrics.expert_misses += 1;
@@ -1281,13 +1558,18 @@ impl Streamer {
         // Read-aheads the router did not pick finish too (they become cache):
         // no read of this layer stays in flight past its top-k.
         for e in 0..n_exp {
-            if self.experts[layer].as_ref().is_some_and(|l| l.state[e] == ExpertState::Loading) {
+            if self.experts[layer]
+                .as_ref()
+                .is_some_and(|l| l.state[e] == ExpertState::Loading)
+            {
                 self.collect_pending(layer, e);
             }
         }
         let t0 = Instant::now();
         for &tk in &self.tickets_scratch {
-            self.reader.wait(tk).with_context(|| format!("layer {layer}: expert read failed"))?;
+            self.reader
+                .wait(tk)
+                .with_context(|| format!("layer {layer}: expert read failed"))?;
         }
         let waited = t0.elapsed().as_nanos() as u64;
         self.metrics.stall_ns += waited;
@@ -1354,7 +1636,10 @@ impl Streamer {
                 let dst = slot * g.dev_slot_bytes + t.dev_off + e * t.expert_bytes;
                 // SAFETY: the expert's reads completed (Loaded): its bytes in the
                 // RAM cache are valid; the device range is this layer's, idle.
-                unsafe { g.buf.upload(dst, self.expert_addr(layer, e, j), t.expert_bytes) };
+                unsafe {
+                    g.buf
+                        .upload(dst, self.expert_addr(layer, e, j), t.expert_bytes)
+                };
                 self.metrics.upload_bytes += t.expert_bytes as u64;
             }
         }
@@ -1368,7 +1653,9 @@ impl Streamer {
 
     /// Moves expert `e`'s in-flight tickets into the wait list.
     fn collect_pending(&mut self, layer: usize, e: usize) {
-        let Some(el) = self.experts[layer].as_mut() else { return };
+        let Some(el) = self.experts[layer].as_mut() else {
+            return;
+        };
         let nt = el.tensors.len();
         for slot in &mut el.pending[e * nt..(e + 1) * nt] {
             if let Some(tk) = slot.take() {
@@ -1380,10 +1667,20 @@ impl Streamer {
     /// Submits the reads of expert `e` of `layer` (all its tensors).
     fn submit_expert(&mut self, layer: usize, e: usize) -> Result<()> {
         if self.cache.is_some() {
-            let slot = self.cache_free.pop().with_context(|| format!("layer {layer}: the expert cache has no free slot"))?;
-            self.experts[layer].as_mut().context("expert layer")?.cache_slot[e] = slot;
+            let slot = self
+                .cache_free
+                .pop()
+                .with_context(|| format!("layer {layer}: the expert cache has no free slot"))?;
+            self.experts[layer]
+                .as_mut()
+                .context("expert layer")?
+                .cache_slot[e] = slot;
         }
-        let nt = self.experts[layer].as_ref().context("expert layer")?.tensors.len();
+        let nt = self.experts[layer]
+            .as_ref()
+            .context("expert layer")?
+            .tensors
+            .len();
         for j in 0..nt {
             let addr = self.expert_addr(layer, e, j);
             let el = self.experts[layer].as_mut().context("expert layer")?;
@@ -1395,11 +1692,18 @@ impl Streamer {
             // starts at the aligned-down address, inside the same range.
             let dst = unsafe { addr.sub(slot_offset_for(off)) };
             let cap = slot_len_for(off, t.expert_bytes);
-            let req = ReadRequest { file: FileId(0), file_offset: off, len: t.expert_bytes, dst, dst_cap: cap };
+            let req = ReadRequest {
+                file: FileId(0),
+                file_offset: off,
+                len: t.expert_bytes,
+                dst,
+                dst_cap: cap,
+            };
             // SAFETY: the range belongs to this expert (neighbour bytes in the
             // shared boundary pages are rewritten with identical file bytes);
             // nothing computes on it until its tickets have been waited for.
-            let tk = unsafe { self.reader.submit(req) }.with_context(|| format!("layer {layer}: cannot submit expert read"))?;
+            let tk = unsafe { self.reader.submit(req) }
+                .with_context(|| format!("layer {layer}: cannot submit expert read"))?;
             el.pending[e * nt + j] = Some(tk);
             self.metrics.bytes_read += cap as u64;
             self.metrics.reads += 1;
@@ -1415,7 +1719,9 @@ impl Streamer {
         if self.prev_layer == usize::MAX || self.prev_layer + 1 != layer {
             return;
         }
-        let Some(el) = self.experts[layer].as_mut() else { return };
+        let Some(el) = self.experts[layer].as_mut() else {
+            return;
+        };
         let n = el.n();
         for &p in &self.prev_ids {
             let p = p as usize;
@@ -1446,19 +1752,27 @@ impl Streamer {
         }
         // While it is not paying, a probe reads one expert, not k.
         let k = if paying { k } else { 1 };
-        let Some(el) = self.experts.get(layer).and_then(Option::as_ref) else { return Ok(()) };
+        let Some(el) = self.experts.get(layer).and_then(Option::as_ref) else {
+            return Ok(());
+        };
         let n = el.n();
         self.scores.clear();
         for e in 0..n {
             if el.state[e] != ExpertState::Empty {
                 continue;
             }
-            let score: u32 = self.prev_ids.iter().filter(|&&p| (p as usize) < n).map(|&p| el.coact[p as usize * n + e]).sum();
+            let score: u32 = self
+                .prev_ids
+                .iter()
+                .filter(|&&p| (p as usize) < n)
+                .map(|&p| el.coact[p as usize * n + e])
+                .sum();
             if score > 0 {
                 self.scores.push((score, e));
             }
         }
-        self.scores.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.scores
+            .sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let mem = el.expert_mem;
         let take = k.min(self.scores.len());
         for i in 0..take {
@@ -1485,7 +1799,9 @@ impl Streamer {
             for (li, l) in self.experts.iter().enumerate() {
                 let Some(l) = l else { continue };
                 for e in 0..l.n() {
-                    if l.state[e] != ExpertState::Loaded || (li == keep_layer && l.last_used[e] == pass) {
+                    if l.state[e] != ExpertState::Loaded
+                        || (li == keep_layer && l.last_used[e] == pass)
+                    {
                         continue;
                     }
                     if best.is_none_or(|(_, _, u)| l.last_used[e] < u) {
@@ -1499,7 +1815,9 @@ impl Streamer {
     }
 
     fn evict_expert(&mut self, layer: usize, e: usize) {
-        let Some(l) = self.experts[layer].as_mut() else { return };
+        let Some(l) = self.experts[layer].as_mut() else {
+            return;
+        };
         if self.cache.is_some() {
             // The pinned cache keeps its memory: the slot is free for another.
             debug_assert!(l.cache_slot[e] != u32::MAX);
@@ -1564,7 +1882,11 @@ static CUTS_EXPERTS: Cuts = Cuts::Experts;
 
 /// The eval callback and user data that cut ranges like `cuts`.
 pub fn cuts_callback(cuts: Cuts) -> (EvalCallback, *mut c_void) {
-    let p: &'static Cuts = if cuts == Cuts::Dense { &CUTS_DENSE } else { &CUTS_EXPERTS };
+    let p: &'static Cuts = if cuts == Cuts::Dense {
+        &CUTS_DENSE
+    } else {
+        &CUTS_EXPERTS
+    };
     (Some(cuts_eval), p as *const Cuts as *mut c_void)
 }
 
@@ -1574,7 +1896,12 @@ unsafe extern "C" fn cuts_eval(t: *mut sys::ggml_tensor, ask: bool, user: *mut c
     }
     // SAFETY: `user` is one of the statics above; `t` a live node with a
     // NUL-terminated name.
-    let (cuts, name) = unsafe { (*(user as *const Cuts), CStr::from_ptr((*t).name.as_ptr()).to_bytes()) };
+    let (cuts, name) = unsafe {
+        (
+            *(user as *const Cuts),
+            CStr::from_ptr((*t).name.as_ptr()).to_bytes(),
+        )
+    };
     match cuts {
         Cuts::Dense => node_layer(name, L_OUT).is_some(),
         Cuts::Experts => node_layer(name, TOPK).is_some(),

@@ -37,13 +37,26 @@ pub struct StreamBufferType {
 unsafe impl Send for StreamBufferType {}
 unsafe impl Sync for StreamBufferType {}
 
-unsafe extern "C" fn on_tensor(user: *mut c_void, tensor: *mut sys::ggml_tensor, name: *const c_char, data: *mut c_void, nbytes: usize) {
+unsafe extern "C" fn on_tensor(
+    user: *mut c_void,
+    tensor: *mut sys::ggml_tensor,
+    name: *const c_char,
+    data: *mut c_void,
+    nbytes: usize,
+) {
     // SAFETY: `user` is the boxed StreamBufferType registered in `new`, alive
     // as long as the buffer type; `name` is the tensor's NUL-terminated name.
     let this = unsafe { &*(user as *const StreamBufferType) };
-    let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned();
     let mut list = this.reported.lock().unwrap_or_else(|e| e.into_inner());
-    list.push(ReportedTensor { name, tensor, data, nbytes });
+    list.push(ReportedTensor {
+        name,
+        tensor,
+        data,
+        nbytes,
+    });
 }
 
 impl StreamBufferType {
@@ -55,7 +68,10 @@ impl StreamBufferType {
         if cpu.is_null() {
             return Err(anyhow!("ggml has no CPU device"));
         }
-        let mut this = Box::new(StreamBufferType { buft: std::ptr::null_mut(), reported: Mutex::new(Vec::new()) });
+        let mut this = Box::new(StreamBufferType {
+            buft: std::ptr::null_mut(),
+            reported: Mutex::new(Vec::new()),
+        });
         let name = CString::new("Hypura_Stream").expect("static name");
         let user = &*this as *const StreamBufferType as *mut c_void;
         // SAFETY: `user` points into the Box, which outlives the buffer type
@@ -97,7 +113,10 @@ impl StreamBufferType {
 
     /// Every tensor placed in this buffer type so far, in placement order.
     pub fn reported(&self) -> Vec<ReportedTensor> {
-        self.reported.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Address space reserved by live buffers of this type.

@@ -205,8 +205,19 @@ pub struct ReadRequest {
 
 impl ReadRequest {
     /// A request that reads into the whole of `buf`.
-    pub fn for_buf(file: FileId, file_offset: u64, len: usize, buf: &mut AlignedBuf) -> ReadRequest {
-        ReadRequest { file, file_offset, len, dst: buf.as_mut_ptr(), dst_cap: buf.len() }
+    pub fn for_buf(
+        file: FileId,
+        file_offset: u64,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> ReadRequest {
+        ReadRequest {
+            file,
+            file_offset,
+            len,
+            dst: buf.as_mut_ptr(),
+            dst_cap: buf.len(),
+        }
     }
 }
 

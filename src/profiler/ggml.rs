@@ -22,7 +22,10 @@ pub(crate) fn devices() -> Vec<GpuProfile> {
                         pinned = p;
                         pageable = Some(g);
                     }
-                    Err(e) => tracing::warn!("{}: cannot measure host-to-device bandwidth: {e:#}", d.name()),
+                    Err(e) => tracing::warn!(
+                        "{}: cannot measure host-to-device bandwidth: {e:#}",
+                        d.name()
+                    ),
                 }
             }
             GpuProfile {

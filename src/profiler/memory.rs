@@ -292,7 +292,10 @@ mod tests {
         std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
         std::fs::write(root.join("memory/x/memory.limit_in_bytes"), "500\n").unwrap();
         std::fs::write(root.join("memory/x/memory.usage_in_bytes"), "100\n").unwrap();
-        assert_eq!(cgroup_memory_at("4:memory:/x/y\n", root), (Some(500), Some(100)));
+        assert_eq!(
+            cgroup_memory_at("4:memory:/x/y\n", root),
+            (Some(500), Some(100))
+        );
         assert_eq!(cgroup_memory_at("1:cpu:/\n", root), (None, None));
     }
 

@@ -190,8 +190,15 @@ pub fn render_table(p: &MachineProfile) -> String {
             gib(g.total_bytes)
         );
         if g.h2d_pinned_gbps.is_some() || g.h2d_pageable_gbps.is_some() {
-            let f = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1} GB/s"));
-            let _ = writeln!(s, "  {:<10} host->device copies: {} from pinned memory, {} from pageable", "", f(g.h2d_pinned_gbps), f(g.h2d_pageable_gbps));
+            let f =
+                |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1} GB/s"));
+            let _ = writeln!(
+                s,
+                "  {:<10} host->device copies: {} from pinned memory, {} from pageable",
+                "",
+                f(g.h2d_pinned_gbps),
+                f(g.h2d_pageable_gbps)
+            );
         }
     }
     s

@@ -87,7 +87,11 @@ pub fn gpu_headroom(gguf: &crate::gguf::GgufFile, n_ctx: u32, total: u64) -> u64
 }
 
 /// The GPU the plan may use: `None` with `--gpu-budget 0` or without a GPU.
-pub fn gpu_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs, n_ctx: u32) -> anyhow::Result<Option<(crate::engine::device::Device, GpuInput)>> {
+pub fn gpu_for_machine(
+    gguf: &crate::gguf::GgufFile,
+    args: &PlacementArgs,
+    n_ctx: u32,
+) -> anyhow::Result<Option<(crate::engine::device::Device, GpuInput)>> {
     if args.gpu_budget == Some(0) {
         return Ok(None);
     }
@@ -96,7 +100,9 @@ pub fn gpu_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs, n_ctx
     };
     let upload = dev.upload_path(args.gpu_upload)?;
     let (free, total) = dev.memory();
-    let budget = args.gpu_budget.unwrap_or_else(|| free.saturating_sub(gpu_headroom(gguf, n_ctx, total)));
+    let budget = args
+        .gpu_budget
+        .unwrap_or_else(|| free.saturating_sub(gpu_headroom(gguf, n_ctx, total)));
     if args.gpu_budget.is_some_and(|b| b > free) {
         anyhow::bail!(
             "--gpu-budget {} is more than {} has free ({}): the GPU is shared, Hypura never takes more",
@@ -106,14 +112,31 @@ pub fn gpu_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs, n_ctx
         );
     }
     let name = dev.name();
-    let h2d = crate::profiler::load_cached().and_then(|p| p.gpus.iter().find(|g| g.name == name).and_then(|g| g.h2d_pinned_gbps.or(g.h2d_pageable_gbps)));
-    Ok(Some((dev, GpuInput { device: name, budget, h2d_gbps: h2d, direct: upload == crate::engine::device::Upload::Direct })))
+    let h2d = crate::profiler::load_cached().and_then(|p| {
+        p.gpus
+            .iter()
+            .find(|g| g.name == name)
+            .and_then(|g| g.h2d_pinned_gbps.or(g.h2d_pageable_gbps))
+    });
+    Ok(Some((
+        dev,
+        GpuInput {
+            device: name,
+            budget,
+            h2d_gbps: h2d,
+            direct: upload == crate::engine::device::Upload::Direct,
+        },
+    )))
 }
 
 /// The plan for `gguf` on this machine: the cached profile (if any) gives
 /// the default budget and the bandwidths the estimator uses; the GPU's free
 /// memory is read live (the GPU may be shared).
-pub fn plan_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs, n_ctx: u32) -> anyhow::Result<Plan> {
+pub fn plan_for_machine(
+    gguf: &crate::gguf::GgufFile,
+    args: &PlacementArgs,
+    n_ctx: u32,
+) -> anyhow::Result<Plan> {
     let profile = crate::profiler::load_cached();
     let ram_budget = args.ram_budget.unwrap_or_else(default_ram_budget);
     let gpu = gpu_for_machine(gguf, args, n_ctx)?.map(|(_, g)| g);
@@ -122,9 +145,17 @@ pub fn plan_for_machine(gguf: &crate::gguf::GgufFile, args: &PlacementArgs, n_ct
         ram_budget,
         mode: args.mode,
         // An explicit --lookahead wins; else what `hypura bench --save` chose.
-        lookahead: args.lookahead.or_else(|| crate::config::saved_lookahead(&gguf.path)),
-        disk_gbps: profile.as_ref().map(|p| p.storage.best_seq_gbps).filter(|g| *g > 0.0),
-        mem_gbps: profile.as_ref().map(|p| p.memory.read_gbps).filter(|g| *g > 0.0),
+        lookahead: args
+            .lookahead
+            .or_else(|| crate::config::saved_lookahead(&gguf.path)),
+        disk_gbps: profile
+            .as_ref()
+            .map(|p| p.storage.best_seq_gbps)
+            .filter(|g| *g > 0.0),
+        mem_gbps: profile
+            .as_ref()
+            .map(|p| p.memory.read_gbps)
+            .filter(|g| *g > 0.0),
         gpu,
     })
 }

@@ -10,7 +10,7 @@ use crate::io::slot_len_for;
 use super::size::format_bytes;
 
 /// How a model runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Every tensor in RAM.
@@ -130,7 +130,11 @@ impl StreamedTensor {
             role: t.role,
             file_offset: t.offset,
             size: t.size,
-            n_experts: if t.role.is_experts() { t.n_experts() } else { None },
+            n_experts: if t.role.is_experts() {
+                t.n_experts()
+            } else {
+                None
+            },
         }
     }
 }
@@ -185,22 +189,36 @@ struct Split {
 }
 
 fn split(g: &GgufFile) -> Split {
-    let embd: u64 = g.tensors.iter().filter(|t| t.role == TensorRole::TokenEmbedding).map(|t| t.size).sum();
+    let embd: u64 = g
+        .tensors
+        .iter()
+        .filter(|t| t.role == TensorRole::TokenEmbedding)
+        .map(|t| t.size)
+        .sum();
     let tied = !g.tensors.iter().any(|t| t.role == TensorRole::Output);
     let rest: u64 = g
         .tensors
         .iter()
-        .filter(|t| t.role != TensorRole::TokenEmbedding && !t.role.is_dense_ffn() && !t.role.is_experts())
+        .filter(|t| {
+            t.role != TensorRole::TokenEmbedding && !t.role.is_dense_ffn() && !t.role.is_experts()
+        })
         .map(|t| t.size)
         .sum();
-    Split { embd, base_gpu: rest + if tied { embd } else { 0 } }
+    Split {
+        embd,
+        base_gpu: rest + if tied { embd } else { 0 },
+    }
 }
 
 impl Plan {
     /// The tier of a tensor by name.
     pub fn tier(&self, t: &TensorInfo) -> Tier {
         if self.streamed.iter().any(|s| s.name == t.name) {
-            return if t.layer.is_some_and(|l| self.ram_layers.contains(&l)) { Tier::Ram } else { Tier::Nvme };
+            return if t.layer.is_some_and(|l| self.ram_layers.contains(&l)) {
+                Tier::Ram
+            } else {
+                Tier::Nvme
+            };
         }
         if self.gpu.is_none() || t.role == TensorRole::TokenEmbedding {
             return Tier::Ram;
@@ -231,13 +249,22 @@ impl Plan {
         let has_dense_ffn = g.tensors.iter().any(|t| t.role.is_dense_ffn());
         if let Some(m) = input.mode {
             if m.on_gpu() && input.gpu.is_none() {
-                bail!("--mode {}: no GPU to stream to (none found, or --gpu-budget 0)", m.label());
+                bail!(
+                    "--mode {}: no GPU to stream to (none found, or --gpu-budget 0)",
+                    m.label()
+                );
             }
             if m.streams_dense() && !has_dense_ffn {
-                bail!("--mode {}: this model has no dense FFN tensors to stream (try --mode experts)", m.label());
+                bail!(
+                    "--mode {}: this model has no dense FFN tensors to stream (try --mode experts)",
+                    m.label()
+                );
             }
             if m.streams_experts() && !has_experts {
-                bail!("--mode {}: this model has no MoE expert tensors (try --mode dense)", m.label());
+                bail!(
+                    "--mode {}: this model has no MoE expert tensors (try --mode dense)",
+                    m.label()
+                );
             }
             return Self::build(input, m, model_bytes);
         }
@@ -246,15 +273,31 @@ impl Plan {
             if sp.base_gpu + model_bytes - sp.embd <= gpu.budget && sp.embd <= input.ram_budget {
                 return Self::build(input, Mode::Resident, model_bytes);
             }
-            let (a, b) = if has_experts { (Mode::GpuExperts, Mode::Experts) } else { (Mode::GpuDense, Mode::Dense) };
-            return match (Self::build(input, a, model_bytes), Self::build(input, b, model_bytes)) {
-                (Ok(pa), Ok(pb)) => Ok(if pb.predicted_tps.unwrap_or(0.0) > pa.predicted_tps.unwrap_or(0.0) { pb } else { pa }),
+            let (a, b) = if has_experts {
+                (Mode::GpuExperts, Mode::Experts)
+            } else {
+                (Mode::GpuDense, Mode::Dense)
+            };
+            return match (
+                Self::build(input, a, model_bytes),
+                Self::build(input, b, model_bytes),
+            ) {
+                (Ok(pa), Ok(pb)) => Ok(
+                    if pb.predicted_tps.unwrap_or(0.0) > pa.predicted_tps.unwrap_or(0.0) {
+                        pb
+                    } else {
+                        pa
+                    },
+                ),
                 (Ok(p), Err(_)) | (Err(_), Ok(p)) => Ok(p),
                 (Err(e), Err(_)) => {
                     // Not even attention fits the GPU (a busy, shared card):
                     // run as if there were none rather than refuse.
                     tracing::warn!("not using the GPU: {e:#}");
-                    let cpu = PlanInput { gpu: None, ..*input };
+                    let cpu = PlanInput {
+                        gpu: None,
+                        ..*input
+                    };
                     Self::new(&cpu)
                 }
             };
@@ -294,7 +337,10 @@ impl Plan {
         let sp = split(input.gguf);
         // With a GPU, resident means resident on it (when it fits); a model
         // that fits only RAM runs on the CPU (or with --gpu-layers N).
-        let gpu = input.gpu.as_ref().filter(|g| sp.base_gpu + model_bytes - sp.embd <= g.budget);
+        let gpu = input
+            .gpu
+            .as_ref()
+            .filter(|g| sp.base_gpu + model_bytes - sp.embd <= g.budget);
         let gpu_plan = gpu.map(|g| Self::gpu_plan(g, sp.base_gpu + model_bytes - sp.embd));
         Ok(Plan {
             mode: Mode::Resident,
@@ -311,7 +357,11 @@ impl Plan {
             pool_bytes: 0,
             bytes_per_token: 0,
             ceiling_tps: None,
-            predicted_tps: if gpu_plan.is_some() { None } else { input.mem_gbps.map(|m| m * 1e9 / model_bytes.max(1) as f64) },
+            predicted_tps: if gpu_plan.is_some() {
+                None
+            } else {
+                input.mem_gbps.map(|m| m * 1e9 / model_bytes.max(1) as f64)
+            },
             gpu: gpu_plan,
         })
     }
@@ -322,7 +372,12 @@ impl Plan {
     /// streamed through device slots.
     fn dense(input: &PlanInput<'_>, model_bytes: u64, mode: Mode) -> Result<Plan> {
         let g = input.gguf;
-        let n_layer = g.tensors.iter().filter_map(|t| t.layer).max().map_or(0, |l| l + 1) as usize;
+        let n_layer = g
+            .tensors
+            .iter()
+            .filter_map(|t| t.layer)
+            .max()
+            .map_or(0, |l| l + 1) as usize;
         // Per layer: FFN bytes, the host slot its aligned reads need, and the
         // device slot it needs.
         let mut ffn = vec![0u64; n_layer];
@@ -336,9 +391,19 @@ impl Plan {
             dslot[l as usize] += t.size + DEVICE_SLACK;
             max_tensor = max_tensor.max(t.size + DEVICE_SLACK);
         }
-        let ffn_layers: Vec<u32> = (0..n_layer as u32).filter(|&l| ffn[l as usize] > 0).collect();
-        let slot_bytes = ffn_layers.iter().map(|&l| slot[l as usize]).max().unwrap_or(0);
-        let dslot_bytes = ffn_layers.iter().map(|&l| dslot[l as usize]).max().unwrap_or(0);
+        let ffn_layers: Vec<u32> = (0..n_layer as u32)
+            .filter(|&l| ffn[l as usize] > 0)
+            .collect();
+        let slot_bytes = ffn_layers
+            .iter()
+            .map(|&l| slot[l as usize])
+            .max()
+            .unwrap_or(0);
+        let dslot_bytes = ffn_layers
+            .iter()
+            .map(|&l| dslot[l as usize])
+            .max()
+            .unwrap_or(0);
         let sp = split(g);
         let gpu = input.gpu.as_ref();
         // RAM and GPU needs of what is not FFN.
@@ -362,11 +427,31 @@ impl Plan {
         // when the device computes on host memory: the slots are that memory).
         // Staged: reads run ahead in host slots; the device needs only the
         // layer computing and the one being copied (two slots).
-        let gpu_pool = |n_slots: u64| if on_gpu { if direct { n_slots * slot_bytes } else { n_slots.min(2) * dslot_bytes + max_tensor } } else { 0 };
-        let ram_pool = |n_slots: u64| if on_gpu && direct { 0 } else { n_slots * slot_bytes };
+        let gpu_pool = |n_slots: u64| {
+            if on_gpu {
+                if direct {
+                    n_slots * slot_bytes
+                } else {
+                    n_slots.min(2) * dslot_bytes + max_tensor
+                }
+            } else {
+                0
+            }
+        };
+        let ram_pool = |n_slots: u64| {
+            if on_gpu && direct {
+                0
+            } else {
+                n_slots * slot_bytes
+            }
+        };
         let gpu_left = gpu.map_or(0, |g| g.budget - gpu_base);
 
-        let default_l = if on_gpu { 3 } else { adaptive_lookahead(input, &ffn, model_bytes, n_layer) };
+        let default_l = if on_gpu {
+            3
+        } else {
+            adaptive_lookahead(input, &ffn, model_bytes, n_layer)
+        };
         let mut lookahead = input.lookahead.unwrap_or(default_l);
         let fits = |l: usize| {
             let n = l as u64 + 1;
@@ -381,7 +466,11 @@ impl Plan {
                     format_bytes(gpu_pool(1))
                 );
             }
-            let what = if gpu.is_some() { "its token embeddings" } else { "its non-FFN tensors" };
+            let what = if gpu.is_some() {
+                "its token embeddings"
+            } else {
+                "its non-FFN tensors"
+            };
             bail!(
                 "RAM budget {} is too small for this model: {what} need {} and one streamed layer {} (at least {} in all)",
                 format_bytes(input.ram_budget),
@@ -418,7 +507,8 @@ impl Plan {
             let n = n_slots_max.min(n_streamed);
             let pinned_bytes: u64 = cand.iter().map(|&l| ffn[l as usize]).sum();
             let ok = if on_gpu {
-                gpu_base + pinned_bytes + gpu_pool(n) <= gpu.map_or(0, |g| g.budget) && ram_base + ram_pool(n) <= input.ram_budget
+                gpu_base + pinned_bytes + gpu_pool(n) <= gpu.map_or(0, |g| g.budget)
+                    && ram_base + ram_pool(n) <= input.ram_budget
             } else {
                 ram_base + pinned_bytes + ram_pool(n) <= input.ram_budget
             };
@@ -430,12 +520,18 @@ impl Plan {
             }
             m -= 1;
         };
-        let streamed_layers: Vec<u32> = ffn_layers.iter().copied().filter(|l| !pinned.contains(l)).collect();
+        let streamed_layers: Vec<u32> = ffn_layers
+            .iter()
+            .copied()
+            .filter(|l| !pinned.contains(l))
+            .collect();
         let n_slots = (lookahead + 1).min(streamed_layers.len());
         let streamed: Vec<StreamedTensor> = g
             .tensors
             .iter()
-            .filter(|t| t.role.is_dense_ffn() && t.layer.is_some_and(|l| streamed_layers.contains(&l)))
+            .filter(|t| {
+                t.role.is_dense_ffn() && t.layer.is_some_and(|l| streamed_layers.contains(&l))
+            })
             .map(StreamedTensor::from_info)
             .collect();
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
@@ -443,7 +539,9 @@ impl Plan {
         // GpuDense: the RAM the staging slots leave holds streamed layers
         // (spread evenly), copied to the GPU from there instead of read.
         let ram_layers: Vec<u32> = if on_gpu && !direct {
-            let left = input.ram_budget.saturating_sub(ram_base + ram_pool(n_slots as u64));
+            let left = input
+                .ram_budget
+                .saturating_sub(ram_base + ram_pool(n_slots as u64));
             let mut m = streamed_layers.len();
             loop {
                 let cand = spread(&streamed_layers, m);
@@ -456,7 +554,11 @@ impl Plan {
             Vec::new()
         };
         let ram_tier_bytes: u64 = ram_layers.iter().map(|&l| slot[l as usize]).sum();
-        let disk_bytes: u64 = streamed_layers.iter().filter(|l| !ram_layers.contains(l)).map(|&l| ffn[l as usize]).sum();
+        let disk_bytes: u64 = streamed_layers
+            .iter()
+            .filter(|l| !ram_layers.contains(l))
+            .map(|&l| ffn[l as usize])
+            .sum();
         let gpu_plan = gpu.map(|gi| {
             let mut gp = Self::gpu_plan(gi, gpu_base + if on_gpu { pinned_bytes } else { 0 });
             if on_gpu && n_slots > 0 {
@@ -505,7 +607,15 @@ impl Plan {
         let gpu = input.gpu.as_ref();
         let (ram_base, gpu_base) = match gpu {
             // Dense FFN layers of a MoE (if any) stay with the rest on the GPU.
-            Some(_) => (sp.embd, sp.base_gpu + g.tensors.iter().filter(|t| t.role.is_dense_ffn()).map(|t| t.size).sum::<u64>()),
+            Some(_) => (
+                sp.embd,
+                sp.base_gpu
+                    + g.tensors
+                        .iter()
+                        .filter(|t| t.role.is_dense_ffn())
+                        .map(|t| t.size)
+                        .sum::<u64>(),
+            ),
             None => (model_bytes - streamed_bytes, 0),
         };
         if let Some(gi) = gpu {
@@ -528,7 +638,11 @@ impl Plan {
                 .map(|t| t.size / t.n_experts.unwrap_or(1).max(1) + 2 * crate::io::ALIGN as u64)
                 .sum()
         };
-        let max_layer_expert = layers.iter().map(|&l| layer_expert_bytes(l)).max().unwrap_or(0);
+        let max_layer_expert = layers
+            .iter()
+            .map(|&l| layer_expert_bytes(l))
+            .max()
+            .unwrap_or(0);
         let lookahead = input.lookahead.unwrap_or(1);
         // The RAM pool must hold one layer's selected experts plus the
         // prefetched layers'; everything else of the budget is expert cache.
@@ -541,14 +655,21 @@ impl Plan {
                 format_bytes(min_pool)
             );
         }
-        let pool_bytes = (input.ram_budget - ram_base).min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);
+        let pool_bytes = (input.ram_budget - ram_base)
+            .min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);
         let per_token: u64 = layers.iter().map(|&l| k * layer_expert_bytes(l)).sum();
         let mut gpu_plan = gpu.map(|gi| Self::gpu_plan(gi, gpu_base));
         // A device that computes on host memory uses the RAM cache itself.
         if let (Some(gp), Mode::GpuExperts) = (gpu_plan.as_mut().filter(|g| !g.direct), mode) {
             // A device slot holds every expert tensor of one layer (only the
             // selected experts are ever copied in).
-            let layer_slot = |l: u32| -> u64 { streamed.iter().filter(|t| t.layer == l).map(|t| t.size + DEVICE_SLACK).sum() };
+            let layer_slot = |l: u32| -> u64 {
+                streamed
+                    .iter()
+                    .filter(|t| t.layer == l)
+                    .map(|t| t.size + DEVICE_SLACK)
+                    .sum()
+            };
             let dslot = layers.iter().map(|&l| layer_slot(l)).max().unwrap_or(0);
             let left = gp.budget - gpu_base;
             let n_fit = left.checked_div(dslot).unwrap_or(0) as usize;
@@ -562,7 +683,11 @@ impl Plan {
             }
             // Every layer its own slot if they fit; else all but one slot
             // dedicated (spread evenly) and one shared by the other layers.
-            gp.dedicated_layers = if n_fit >= layers.len() { layers.clone() } else { spread(&layers, n_fit - 1) };
+            gp.dedicated_layers = if n_fit >= layers.len() {
+                layers.clone()
+            } else {
+                spread(&layers, n_fit - 1)
+            };
             gp.n_slots = n_fit.min(layers.len());
             gp.pool_bytes = gp.n_slots as u64 * dslot;
         }
@@ -604,10 +729,16 @@ impl Plan {
     ///   a floor: real routing is skewed); GPU-dedicated layers keep their
     ///   experts on the GPU the same way.
     fn estimate(&mut self, input: &PlanInput<'_>, model_bytes: u64, ffn: &[u64]) {
-        let Some(disk) = input.disk_gbps.filter(|d| *d > 0.0) else { return };
+        let Some(disk) = input.disk_gbps.filter(|d| *d > 0.0) else {
+            return;
+        };
         let disk = disk * 1e9;
         let mem = input.mem_gbps.filter(|m| *m > 0.0).map(|m| m * 1e9);
-        let h2d = self.gpu.as_ref().filter(|g| !g.direct).map(|g| g.h2d_gbps * 1e9);
+        let h2d = self
+            .gpu
+            .as_ref()
+            .filter(|g| !g.direct)
+            .map(|g| g.h2d_gbps * 1e9);
         let link = h2d.map_or(disk, |h| disk.min(h));
         let per_tok = self.bytes_per_token as f64;
         self.ceiling_tps = (per_tok > 0.0).then(|| link / per_tok);
@@ -620,21 +751,37 @@ impl Plan {
         let token_s = match self.mode {
             Mode::Resident => return,
             Mode::Dense => {
-                let cpu_bytes = if self.gpu.is_some() { ffn.iter().sum::<u64>() as f64 } else { model_bytes as f64 };
+                let cpu_bytes = if self.gpu.is_some() {
+                    ffn.iter().sum::<u64>() as f64
+                } else {
+                    model_bytes as f64
+                };
                 let read = per_tok / disk;
-                if self.lookahead > 0 { read.max(cpu(cpu_bytes)) } else { read + cpu(cpu_bytes) }
+                if self.lookahead > 0 {
+                    read.max(cpu(cpu_bytes))
+                } else {
+                    read + cpu(cpu_bytes)
+                }
             }
             Mode::GpuDense => {
                 // Every streamed layer is copied; only those not in RAM are read.
                 let up = h2d.map_or(0.0, |h| self.streamed_bytes as f64 / h);
                 let read = per_tok / disk;
-                if self.lookahead > 0 { read.max(up) } else { read + up }
+                if self.lookahead > 0 {
+                    read.max(up)
+                } else {
+                    read + up
+                }
             }
             Mode::Experts | Mode::GpuExperts => {
                 let c = (self.pool_bytes as f64 / self.streamed_bytes.max(1) as f64).min(1.0);
                 let from_disk = per_tok * (1.0 - c) / disk;
                 if self.mode == Mode::Experts {
-                    let base = if self.gpu.is_some() { 0.0 } else { self.resident_bytes as f64 };
+                    let base = if self.gpu.is_some() {
+                        0.0
+                    } else {
+                        self.resident_bytes as f64
+                    };
                     from_disk + cpu(base + per_tok)
                 } else {
                     // The GPU computes on the active experts at its memory
@@ -643,7 +790,10 @@ impl Plan {
                     let gpu_bw = mem.map(|m| if h2d.is_some() { 10.0 * m } else { m });
                     let compute = gpu_bw.map_or(0.0, |b| per_tok / b);
                     let n = self.streamed_layers.len().max(1) as f64;
-                    let v = self.gpu.as_ref().map_or(0.0, |g| g.dedicated_layers.len() as f64 / n);
+                    let v = self
+                        .gpu
+                        .as_ref()
+                        .map_or(0.0, |g| g.dedicated_layers.len() as f64 / n);
                     // Dedicated layers keep what they loaded: uniform routing
                     // over a warm cache serves about the RAM-cache fraction too.
                     let miss = 1.0 - v * c.max(0.0);
@@ -669,15 +819,26 @@ fn spread(layers: &[u32], m: usize) -> Vec<u32> {
 
 /// Enough layers in flight to cover a layer's read time with compute time,
 /// from the profile; 2 when the machine has not been profiled.
-fn adaptive_lookahead(input: &PlanInput<'_>, ffn: &[u64], model_bytes: u64, n_layer: usize) -> usize {
-    let (Some(disk), Some(mem)) = (input.disk_gbps, input.mem_gbps) else { return 2 };
+fn adaptive_lookahead(
+    input: &PlanInput<'_>,
+    ffn: &[u64],
+    model_bytes: u64,
+    n_layer: usize,
+) -> usize {
+    let (Some(disk), Some(mem)) = (input.disk_gbps, input.mem_gbps) else {
+        return 2;
+    };
     if disk <= 0.0 || mem <= 0.0 || n_layer == 0 {
         return 2;
     }
     let layer_ffn = ffn.iter().copied().max().unwrap_or(0) as f64;
     let read_s = layer_ffn / (disk * 1e9);
     let compute_s = (model_bytes as f64 / n_layer as f64) / (mem * 1e9);
-    let l = if compute_s > 0.0 { (read_s / compute_s).ceil() as usize } else { 2 };
+    let l = if compute_s > 0.0 {
+        (read_s / compute_s).ceil() as usize
+    } else {
+        2
+    };
     l.clamp(1, 8)
 }
 

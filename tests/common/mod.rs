@@ -26,14 +26,31 @@ pub fn model(file: &str) -> Option<PathBuf> {
 
 pub fn hypura() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hypura"));
-    c.env_remove("RUST_BACKTRACE").env_remove("HYPURA_LOG").env_remove("RUST_LOG");
+    c.env_remove("RUST_BACKTRACE")
+        .env_remove("HYPURA_LOG")
+        .env_remove("RUST_LOG");
     c
 }
 
 pub fn run(model: &Path, out: &Path, extra: &[&str]) -> String {
     let o = hypura()
-        .args(["run", model.to_str().unwrap(), "--prompt", "The quick brown fox jumps over", "--temp", "0"])
-        .args(["--max-tokens", "32", "--threads", "2", "--no-repack", "--json", "--logits-out"])
+        .args([
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The quick brown fox jumps over",
+            "--temp",
+            "0",
+        ])
+        .args([
+            "--max-tokens",
+            "32",
+            "--threads",
+            "2",
+            "--no-repack",
+            "--json",
+            "--logits-out",
+        ])
         .arg(out)
         .args(extra)
         .output()
@@ -44,7 +61,11 @@ pub fn run(model: &Path, out: &Path, extra: &[&str]) -> String {
 }
 
 pub fn report(stderr: &str) -> serde_json::Value {
-    let line = stderr.lines().rev().find(|l| l.starts_with('{')).expect("a JSON report line");
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON report line");
     serde_json::from_str(line).unwrap()
 }
 
@@ -57,18 +78,46 @@ pub fn check_bit_identical(model: &Path, budget: &str, mode: &str) {
     let want = std::fs::read(&resident).unwrap();
     for lookahead in ["0", "3"] {
         let out = dir.path().join(format!("stream{lookahead}.logits"));
-        let rep = report(&run(model, &out, &["--ram-budget", budget, "--mode", mode, "--lookahead", lookahead]));
+        let rep = report(&run(
+            model,
+            &out,
+            &[
+                "--ram-budget",
+                budget,
+                "--mode",
+                mode,
+                "--lookahead",
+                lookahead,
+            ],
+        ));
         assert_eq!(rep["mode"], mode, "{rep}");
-        assert!(rep["streamed_bytes"].as_u64().unwrap() > 0, "nothing streamed: {rep}");
-        assert!(rep["read_bytes_per_token"].as_f64().unwrap() > 0.0, "no bytes read while generating: {rep}");
+        assert!(
+            rep["streamed_bytes"].as_u64().unwrap() > 0,
+            "nothing streamed: {rep}"
+        );
+        assert!(
+            rep["read_bytes_per_token"].as_f64().unwrap() > 0.0,
+            "no bytes read while generating: {rep}"
+        );
         let got = std::fs::read(&out).unwrap();
-        assert!(got.len() > 24 && got == want, "{}: lookahead {lookahead}: logits differ from the resident run", model.display());
+        assert!(
+            got.len() > 24 && got == want,
+            "{}: lookahead {lookahead}: logits differ from the resident run",
+            model.display()
+        );
     }
 }
 
-
 /// Writes a synthetic model with `hypura gen` (deterministic per seed).
 pub fn gen(out: &Path, args: &[&str]) {
-    let o = hypura().args(["gen", "--force", "--out", out.to_str().unwrap()]).args(args).output().unwrap();
-    assert!(o.status.success(), "hypura gen failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = hypura()
+        .args(["gen", "--force", "--out", out.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "hypura gen failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

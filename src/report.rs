@@ -1,0 +1,110 @@
+//! The statistics a generation reports: `hypura run` prints them (human or
+//! `--json`), `hypura bench` reads them back from its child runs. One typed
+//! struct on both sides, so a renamed field breaks the build, not the bench.
+
+use crate::scheduler::{format_bytes, Mode};
+
+/// The statistics printed at the end of a run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunReport {
+    pub mode: Mode,
+    pub threads: usize,
+    pub load_secs: f64,
+    pub prompt_tokens: usize,
+    pub prompt_tps: f64,
+    pub gen_tokens: usize,
+    pub gen_tps: f64,
+    /// Milliseconds per generated token inside llama.cpp's decode; the rest
+    /// of a token's time is Hypura's loop (sampling, output).
+    pub decode_ms_per_token: f64,
+    pub ram_budget_bytes: u64,
+    pub resident_bytes: u64,
+    pub streamed_bytes: u64,
+    pub pool_bytes: u64,
+    pub lookahead: usize,
+    pub pinned_layers: usize,
+    pub streamed_layers: usize,
+    /// Bytes read from disk per generated token.
+    pub read_bytes_per_token: Option<f64>,
+    /// Milliseconds the compute waited on I/O per generated token.
+    pub stall_ms_per_token: Option<f64>,
+    /// Cross-token expert cache hit rate.
+    pub expert_hit_rate: Option<f64>,
+    /// Average disk throughput during generation (GB/s).
+    pub disk_gbps: Option<f64>,
+    pub io_backend: Option<String>,
+    pub predicted_tps: Option<f64>,
+    pub ceiling_tps: Option<f64>,
+    pub peak_rss_bytes: u64,
+    /// Bytes the process read from storage while loading (`/proc/self/io`),
+    /// page-cache hits excluded: about the resident bytes when streaming.
+    pub load_read_bytes: Option<u64>,
+    /// Layers on the GPU (llama.cpp's n_gpu_layers; -1: all).
+    pub gpu_layers: i32,
+    /// The GPU device of the plan, its resident weights and its pool.
+    pub gpu_device: Option<String>,
+    pub gpu_resident_bytes: Option<u64>,
+    pub gpu_pool_bytes: Option<u64>,
+    /// Bytes copied host→device per generated token (staged GPU tier).
+    pub upload_bytes_per_token: Option<f64>,
+    /// Selections served by an expert already in its GPU slot, per token.
+    pub gpu_expert_hits_per_token: Option<f64>,
+}
+
+impl RunReport {
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "load: {:.2} s | prompt: {} tokens, {:.1} tok/s | generation: {} tokens, {:.2} tok/s | threads: {}\nmode: {:?} | resident {} | streamed {} | pool {} | lookahead {} | peak RSS {}",
+            self.load_secs,
+            self.prompt_tokens,
+            self.prompt_tps,
+            self.gen_tokens,
+            self.gen_tps,
+            self.threads,
+            self.mode,
+            format_bytes(self.resident_bytes),
+            format_bytes(self.streamed_bytes),
+            format_bytes(self.pool_bytes),
+            self.lookahead,
+            format_bytes(self.peak_rss_bytes),
+        );
+        if self.gpu_layers != 0 {
+            let n = if self.gpu_layers < 0 {
+                "all".to_string()
+            } else {
+                self.gpu_layers.to_string()
+            };
+            s += &format!(" | gpu layers {n}");
+        }
+        if let (Some(d), Some(r), Some(p)) = (
+            &self.gpu_device,
+            self.gpu_resident_bytes,
+            self.gpu_pool_bytes,
+        ) {
+            s += &format!(
+                "\ngpu: {d} | resident {} | pool {}",
+                format_bytes(r),
+                format_bytes(p)
+            );
+            if let Some(u) = self.upload_bytes_per_token {
+                s += &format!(" | copied {}/token", format_bytes(u as u64));
+            }
+        }
+        if let (Some(b), Some(st)) = (self.read_bytes_per_token, self.stall_ms_per_token) {
+            s += &format!(
+                "\nstreaming: {}/token read, stall {st:.1} ms/token",
+                format_bytes(b as u64)
+            );
+            if let Some(g) = self.disk_gbps {
+                s += &format!(", disk {g:.2} GB/s");
+            }
+            if let Some(h) = self.expert_hit_rate {
+                s += &format!(", expert cache hits {:.1}%", h * 100.0);
+            }
+            if let Some(b) = &self.io_backend {
+                s += &format!(" ({b})");
+            }
+        }
+        s
+    }
+}
