@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-models/fetch.sh smollm2 gemma3
+models/fetch.sh --all
 export HYPURA_REQUIRE_MODELS=1
 cargo test --release --workspace -- --test-threads=1

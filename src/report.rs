@@ -10,7 +10,11 @@ pub struct RunReport {
     pub mode: Mode,
     pub threads: usize,
     pub load_secs: f64,
+    /// Prompt tokens evaluated (those served from the KV cache not counted).
     pub prompt_tokens: usize,
+    /// Prompt tokens served from the KV cache (a chat's earlier turns).
+    #[serde(default)]
+    pub prompt_reused_tokens: usize,
     pub prompt_tps: f64,
     pub gen_tokens: usize,
     pub gen_tps: f64,
@@ -68,6 +72,12 @@ impl RunReport {
             self.lookahead,
             format_bytes(self.peak_rss_bytes),
         );
+        if self.prompt_reused_tokens > 0 {
+            s += &format!(
+                " | prompt tokens from the KV cache {}",
+                self.prompt_reused_tokens
+            );
+        }
         if self.gpu_layers != 0 {
             let n = if self.gpu_layers < 0 {
                 "all".to_string()

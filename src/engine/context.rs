@@ -1,8 +1,8 @@
 //! A llama.cpp context (KV cache, compute buffers) over a [`Model`].
 
 use std::ffi::c_void;
-use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::rc::Rc;
 
 use anyhow::{anyhow, bail, Result};
 use hypura_sys as sys;
@@ -19,11 +19,12 @@ pub struct ContextOptions {
     pub n_ctx: u32,
     pub n_batch: u32,
     pub n_threads: i32,
-    /// `cb_eval` and its user data (the streaming engine's hook), or none.
-    pub eval_callback: EvalCallback,
-    pub eval_user_data: *mut c_void,
+    /// `cb_eval` and its user data (the streaming engine's hook), or none:
+    /// set only through the unsafe [`ContextOptions::set_callbacks`].
+    eval_callback: EvalCallback,
+    eval_user_data: *mut c_void,
     /// Abort callback (gets `eval_user_data`): true stops the compute.
-    pub abort_callback: sys::ggml_abort_callback,
+    abort_callback: sys::ggml_abort_callback,
     /// The CPU threadpool's polling level (`ggml_threadpool_params::poll`),
     /// None for ggml's default. 0 (sleep at once between computes) when the
     /// layers are on a GPU: spinning workers then only take CPU time from the
@@ -51,22 +52,44 @@ impl Default for ContextOptions {
     }
 }
 
-/// An owned `llama_context`. Positions advance with every decoded token.
-pub struct Context<'m> {
+impl ContextOptions {
+    /// Installs llama.cpp's eval callback (`cb_eval`) and abort callback,
+    /// both called with `user` during every decode of the context.
+    ///
+    /// # Safety
+    /// `user` must stay valid, and usable by the callbacks, until the
+    /// [`Context`] made from these options is dropped; the callbacks must be
+    /// sound for any node llama.cpp hands them.
+    pub unsafe fn set_callbacks(
+        &mut self,
+        eval: EvalCallback,
+        abort: sys::ggml_abort_callback,
+        user: *mut c_void,
+    ) {
+        self.eval_callback = eval;
+        self.abort_callback = abort;
+        self.eval_user_data = user;
+    }
+}
+
+/// An owned `llama_context`; it keeps its model alive (an `Rc`, so neither
+/// is `Send`). Positions advance with every decoded token.
+pub struct Context {
     ptr: NonNull<sys::llama_context>,
     /// A persistent CPU threadpool. Without one, ggml's CPU backend creates and
     /// joins threads on every graph compute, and streaming splits a token
     /// into one compute per layer.
     threadpool: *mut sys::ggml_threadpool,
-    model: &'m Model,
+    model: Rc<Model>,
     n_ctx: u32,
     n_batch: u32,
     n_past: u32,
-    _not_send: PhantomData<*mut ()>,
+    /// Reused token batch (`llama_batch_get_one` wants a mutable pointer).
+    batch: Vec<i32>,
 }
 
-impl<'m> Context<'m> {
-    pub fn new(model: &'m Model, opts: ContextOptions) -> Result<Self> {
+impl Context {
+    pub fn new(model: Rc<Model>, opts: ContextOptions) -> Result<Self> {
         backend::init();
         // SAFETY: plain constructor returning a struct by value.
         let mut p = unsafe { sys::llama_context_default_params() };
@@ -82,7 +105,9 @@ impl<'m> Context<'m> {
         p.abort_callback_data = opts.eval_user_data;
         p.no_perf = true;
         p.op_offload = opts.op_offload;
-        // SAFETY: model is live for 'm, params fully initialised.
+        // SAFETY: the model is kept alive by `model` (dropped after the
+        // context, Drop), params fully initialised; callback user data is the
+        // caller's promise (ContextOptions::set_callbacks).
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr(), p) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
             anyhow!(
@@ -110,19 +135,20 @@ impl<'m> Context<'m> {
             },
             None => std::ptr::null_mut(),
         };
+        let n_batch = opts.n_batch.max(1);
         Ok(Context {
             ptr,
             threadpool,
             model,
             n_ctx,
-            n_batch: opts.n_batch.max(1),
+            n_batch,
             n_past: 0,
-            _not_send: PhantomData,
+            batch: Vec::with_capacity(n_batch as usize),
         })
     }
 
-    pub fn model(&self) -> &'m Model {
-        self.model
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
     /// Context size in tokens.
@@ -153,11 +179,13 @@ impl<'m> Context<'m> {
         }
         for chunk in tokens.chunks(self.n_batch as usize) {
             // llama_batch_get_one takes a mutable pointer but does not write.
-            let mut owned: Vec<i32> = chunk.to_vec();
-            // SAFETY: `owned` outlives the decode call; the batch only
+            self.batch.clear();
+            self.batch.extend_from_slice(chunk);
+            // SAFETY: `self.batch` outlives the decode call; the batch only
             // references it. Positions come from the context's memory.
             let rc = unsafe {
-                let batch = sys::llama_batch_get_one(owned.as_mut_ptr(), owned.len() as i32);
+                let batch =
+                    sys::llama_batch_get_one(self.batch.as_mut_ptr(), self.batch.len() as i32);
                 sys::llama_decode(self.ptr.as_ptr(), batch)
             };
             match rc {
@@ -191,6 +219,32 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Keeps the first `n` positions of the KV cache and forgets the rest
+    /// (`llama_memory_seq_rm`); false when the memory cannot drop a suffix
+    /// (then nothing was changed: call [`Context::clear`]).
+    pub fn truncate(&mut self, n: u32) -> bool {
+        if n >= self.n_past {
+            return true;
+        }
+        // SAFETY: live context; sequence 0 is the only one.
+        let ok = unsafe {
+            sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), 0, n as i32, -1)
+        };
+        if ok {
+            self.n_past = n;
+        }
+        ok
+    }
+
+    /// The lowest position the KV cache still holds for the sequence (a
+    /// sliding-window cache drops old ones), or None when it is empty.
+    pub fn min_cached_pos(&self) -> Option<u32> {
+        // SAFETY: live context; sequence 0.
+        let p =
+            unsafe { sys::llama_memory_seq_pos_min(sys::llama_get_memory(self.ptr.as_ptr()), 0) };
+        (p >= 0).then_some(p as u32)
+    }
+
     /// Forgets everything in the KV cache.
     pub fn clear(&mut self) {
         // SAFETY: live context.
@@ -199,7 +253,7 @@ impl<'m> Context<'m> {
     }
 }
 
-impl Drop for Context<'_> {
+impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: we own the context and the threadpool; the context goes
         // first since it references the pool.

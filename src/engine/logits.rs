@@ -109,7 +109,7 @@ impl Logits {
     pub fn argmax_tokens(&self) -> Vec<i32> {
         self.rows
             .iter()
-            .map(|r| super::sampler::argmax(r) as i32)
+            .map(|r| super::sampling::argmax(r) as i32)
             .collect()
     }
 }

@@ -5,21 +5,30 @@
 //! - [`model`]: loading a model, its vocabulary, tokenisation, chat templates.
 //! - [`context`]: a llama context (KV cache) and decoding.
 //! - [`device`]: ggml devices, device buffers and uploads (the GPU tier).
-//! - [`sampler`]: greedy and temperature sampling.
+//! - [`session`]: the engine's front door — load once, generate many times
+//!   (KV prefix reuse, stop strings, cancellation); every command uses it.
+//! - [`sampling`]: llama.cpp's sampler chain (penalties, top-k/p, min-p,
+//!   typical, temperature, seed, GBNF grammar) and the greedy argmax.
+//! - [`chat`]: chat templates (the model's Jinja one, or llama.cpp's built-ins).
+//! - [`stop`]: stop strings over streamed text.
 //! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
 //! - [`logits`]: the `--logits-out` file format.
-//! - [`generate`]: the token loop shared by prompt mode and chat.
+//! - [`generate`]: generation timings and UTF-8 reassembly of token bytes.
 
 pub mod backend;
+pub mod chat;
 pub mod context;
 pub mod device;
 pub mod generate;
 pub mod logits;
 pub mod model;
-pub mod sampler;
+pub mod sampling;
+pub mod session;
+pub mod stop;
 pub mod stream;
 pub mod stream_buft;
 
 pub use context::{Context, ContextOptions};
 pub use model::{LoadMode, LoadOptions, Model};
+pub use session::{Finish, GenerateRequest, Generation, Session, SessionOptions};

@@ -68,10 +68,9 @@ pub struct Model {
     vocab: *const sys::llama_vocab,
 }
 
-// SAFETY: a llama_model is immutable after load and llama.cpp allows using it
-// from any thread; contexts (not Send) are what hold mutable state.
-unsafe impl Send for Model {}
-unsafe impl Sync for Model {}
+// Neither Send nor Sync: the streaming engine rewrites the data pointers of
+// the model's streamed tensors while a context computes, so a model is used
+// from the thread that owns its [`super::Session`] only.
 
 unsafe extern "C" fn progress_trampoline(p: f32, user: *mut c_void) -> bool {
     // SAFETY: `user` is the `&mut &mut dyn FnMut(f32)` passed by Model::load,
@@ -143,6 +142,51 @@ impl Model {
 
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_model {
         self.ptr.as_ptr()
+    }
+
+    pub(crate) fn vocab_ptr(&self) -> *const sys::llama_vocab {
+        self.vocab
+    }
+
+    /// Whether tokenising with `add_special` puts a BOS token first.
+    pub fn adds_bos(&self) -> bool {
+        // SAFETY: live vocab.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab) }
+    }
+
+    /// The text of a special token (`<s>`, `<|im_end|>`, ...), empty for none.
+    pub fn token_text(&self, token: i32) -> String {
+        if token < 0 || token as usize >= self.n_vocab() {
+            return String::new();
+        }
+        // SAFETY: live vocab, token in range; the result is a NUL-terminated
+        // string owned by the vocabulary (or NULL).
+        let p = unsafe { sys::llama_vocab_get_text(self.vocab, token) };
+        if p.is_null() {
+            return String::new();
+        }
+        // SAFETY: non-null NUL-terminated string, valid while the model lives.
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The BOS and EOS tokens' texts (chat templates use them).
+    pub fn bos_eos_text(&self) -> (String, String) {
+        // SAFETY: live vocab.
+        let (b, e) = unsafe {
+            (
+                sys::llama_vocab_bos(self.vocab),
+                sys::llama_vocab_eos(self.vocab),
+            )
+        };
+        (self.token_text(b), self.token_text(e))
+    }
+
+    /// Sliding-window attention size (0: none).
+    pub fn n_swa(&self) -> u32 {
+        // SAFETY: live model.
+        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()) }.max(0) as u32
     }
 
     /// Vocabulary size (the length of a logits row).

@@ -984,11 +984,14 @@ impl Streamer {
     }
 
     /// Puts the eval and abort callbacks into context options.
-    pub fn hook(self: &mut Box<Self>, opts: &mut super::ContextOptions) {
+    ///
+    /// # Safety
+    /// The streamer must outlive the context made from `opts` (the callbacks
+    /// dereference it on every decode).
+    pub unsafe fn hook(self: &mut Box<Self>, opts: &mut super::ContextOptions) {
         let (cb, user) = self.callback();
-        opts.eval_callback = cb;
-        opts.eval_user_data = user;
-        opts.abort_callback = Some(abort_callback);
+        // SAFETY: the caller keeps the streamer alive for the context's life.
+        unsafe { opts.set_callbacks(cb, Some(abort_callback), user) };
     }
 
     pub fn metrics(&self) -> StreamMetrics {

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+pub const QWEN05: &str = "qwen2.5-coder-0.5b-q4_k_m.gguf";
+pub const QWEN15: &str = "qwen2.5-coder-1.5b-q4_k_m.gguf";
 
 /// A real test model from `models/` (fetched by `models/fetch.sh`). Missing
 /// models fail the test when `HYPURA_REQUIRE_MODELS=1` (as in CI and the
