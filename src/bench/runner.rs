@@ -19,7 +19,8 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
     if STOP.swap(true, Ordering::SeqCst) {
-        // A second Ctrl-C: leave at once (only async-signal-safe calls here).
+        // A second Ctrl-C: leave at once.
+        // SAFETY: _exit is async-signal-safe and takes no pointers.
         unsafe { libc::_exit(130) };
     }
 }
