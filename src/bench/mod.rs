@@ -95,7 +95,7 @@ pub fn machine_profile(model: &Path) -> Option<MachineProfile> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    match crate::profiler::load_or_measure(false, Some(dir)) {
+    match crate::profiler::load_or_measure(false, Some(dir), crate::engine::device::measure_all) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(

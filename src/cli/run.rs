@@ -10,13 +10,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::engine::device::Device;
 use crate::engine::generate::{generate, GenRequest, GenStats};
 use crate::engine::logits::LogitsWriter;
+use crate::engine::placement::{plan_for_machine, PlacementArgs};
 use crate::engine::sampler::Sampler;
 use crate::engine::stream::{StreamMetrics, Streamer};
 use crate::engine::stream_buft::StreamBufferType;
 use crate::engine::{Context, ContextOptions, LoadMode, LoadOptions, Model};
 use crate::gguf::GgufFile;
 use crate::report::RunReport;
-use crate::scheduler::{plan_for_machine, Mode, PlacementArgs, Plan};
+use crate::scheduler::{Mode, Plan};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {

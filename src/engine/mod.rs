@@ -5,6 +5,7 @@
 //! - [`model`]: loading a model, its vocabulary, tokenisation, chat templates.
 //! - [`context`]: a llama context (KV cache) and decoding.
 //! - [`device`]: ggml devices, device buffers and uploads (the GPU tier).
+//! - [`placement`]: this machine's facts (profile, free memory, GPU) for the plan.
 //! - [`sampler`]: greedy and temperature sampling.
 //! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
@@ -17,6 +18,7 @@ pub mod device;
 pub mod generate;
 pub mod logits;
 pub mod model;
+pub mod placement;
 pub mod sampler;
 pub mod stream;
 pub mod stream_buft;

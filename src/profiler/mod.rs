@@ -2,6 +2,10 @@
 //! Hypura's own I/O engine, and ggml devices. Measured by `hypura profile`, cached as TOML
 //! under `$XDG_CACHE_HOME/hypura/profile-<machine key>.toml` and reused by other commands
 //! through [`load_or_measure`] / [`load_cached`].
+//!
+//! The profiler sits below the engine: the ggml devices (the GPUs' copy bandwidth) are measured
+//! by the caller's [`DeviceProbe`] (`engine::device::measure_all`), run only when a fresh
+//! measurement is made.
 
 mod cpu;
 mod ggml;
@@ -128,6 +132,9 @@ pub struct GpuProfile {
     pub h2d_pageable_gbps: Option<f64>,
 }
 
+/// Measures every ggml device for [`MachineProfile::gpus`] (`engine::device::measure_all`).
+pub type DeviceProbe = fn() -> Vec<GpuProfile>;
+
 /// What to measure and how.
 #[derive(Clone, Debug, Default)]
 pub struct MeasureOptions {
@@ -195,8 +202,12 @@ pub fn load_cached() -> Option<MachineProfile> {
 
 /// The cached profile, or a fresh measurement (saved to the cache) when there is none, when
 /// `force`, or when the cache was measured on another directory than `path`.
-pub fn load_or_measure(force: bool, path: Option<&Path>) -> Result<MachineProfile> {
-    Ok(load_or_measure_with(force, &MeasureOptions::for_commands(path))?.0)
+pub fn load_or_measure(
+    force: bool,
+    path: Option<&Path>,
+    devices: DeviceProbe,
+) -> Result<MachineProfile> {
+    Ok(load_or_measure_with(force, &MeasureOptions::for_commands(path), devices)?.0)
 }
 
 /// Where a profile came from.
@@ -215,6 +226,7 @@ pub enum ProfileSource {
 pub fn load_or_measure_with(
     force: bool,
     opts: &MeasureOptions,
+    devices: DeviceProbe,
 ) -> Result<(MachineProfile, ProfileSource)> {
     if !force && opts.is_plain() {
         if let Some(p) = load_cached() {
@@ -227,7 +239,7 @@ pub fn load_or_measure_with(
             }
         }
     }
-    let p = measure(opts)?;
+    let p = measure(opts, devices)?;
     if opts.backend != crate::io::Backend::Auto {
         return Ok((
             p,
@@ -243,8 +255,8 @@ pub fn load_or_measure_with(
     }
 }
 
-/// Measures everything (no cache involved).
-pub fn measure(opts: &MeasureOptions) -> Result<MachineProfile> {
+/// Measures everything (no cache involved); `devices` measures the ggml devices.
+pub fn measure(opts: &MeasureOptions, devices: DeviceProbe) -> Result<MachineProfile> {
     let dir = opts.path.clone().unwrap_or_else(default_models_dir);
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
     let steps = 3 + storage::steps(opts);
@@ -254,7 +266,7 @@ pub fn measure(opts: &MeasureOptions) -> Result<MachineProfile> {
     let cpu = cpu::probe(ggml::cpu_features());
     bar.inc(1);
     bar.set_message("GPUs (ggml devices)");
-    let gpus = ggml::devices();
+    let gpus = devices();
     bar.inc(1);
     bar.set_message("memory bandwidth");
     let memory = memory::probe(opts.quick)?;
