@@ -1,13 +1,27 @@
 //! The module layering, checked against the source: a lower layer never
 //! names a higher one through `crate::` (a cycle such as
 //! config → profiler → engine → scheduler → config cannot come back
-//! unnoticed). From the bottom: `gguf`, `io`; `scheduler`, `profiler`;
+//! unnoticed). From the bottom: `util`; `gguf`, `io`; `scheduler`, `profiler`;
 //! `config`; `engine`, `report`; `bench`, `cli`.
 
 use std::path::Path;
 
 /// Each checked module and the top-level modules it must not import.
 const RULES: &[(&str, &[&str])] = &[
+    (
+        "util",
+        &[
+            "gguf",
+            "io",
+            "profiler",
+            "scheduler",
+            "config",
+            "engine",
+            "report",
+            "bench",
+            "cli",
+        ],
+    ),
     (
         "gguf",
         &[

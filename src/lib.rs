@@ -5,7 +5,7 @@
 //! [`profiler`] measures the machine the plan is made for; [`cli`] is the front end.
 //!
 //! Layers, from the bottom (a module imports only from layers below it; a
-//! unit test in `layering.rs` checks the lower ones): [`gguf`], [`io`];
+//! unit test in `layering.rs` checks the lower ones): [`util`]; [`gguf`], [`io`];
 //! [`scheduler`] (pure planning: the machine's facts come in as numbers) and
 //! [`profiler`]; [`config`]; [`engine`] (which gathers the facts in
 //! `engine::placement`) and [`report`]; [`bench`] and [`cli`].
@@ -21,3 +21,4 @@ mod layering;
 pub mod profiler;
 pub mod report;
 pub mod scheduler;
+pub mod util;

@@ -17,7 +17,7 @@ pub mod stats;
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -320,10 +320,7 @@ pub fn run(
         .filter(|g| *g > 0.0);
     let summary = report::summarise(&configs, &runs, disk_ceiling_gbps);
     let best = report::best_lookahead(&summary);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::util::unix_secs();
     let mut doc = BenchDoc {
         hypura_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix: now,

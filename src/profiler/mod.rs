@@ -14,7 +14,6 @@ mod report;
 mod storage;
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -278,9 +277,7 @@ pub fn measure(opts: &MeasureOptions, devices: DeviceProbe) -> Result<MachinePro
     Ok(MachineProfile {
         version: PROFILE_VERSION,
         machine_key: machine_key_for(&cpu.model, memory.total_bytes),
-        measured_at_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        measured_at_unix: crate::util::unix_secs(),
         hypura_version: env!("CARGO_PKG_VERSION").to_string(),
         quick: opts.quick,
         cpu,
@@ -308,27 +305,13 @@ fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
 /// Writes the profile to the cache (atomically: temp file + rename). Returns the path.
 pub fn save(p: &MachineProfile) -> Result<PathBuf> {
     let path = cache_file().context("no cache directory ($XDG_CACHE_HOME and $HOME unset)")?;
-    let dir = path.parent().expect("cache file has a parent");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text = toml::to_string_pretty(p).context("serialising the profile")?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap().to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    crate::util::fs::write_atomic(&path, text)?;
     Ok(path)
 }
 
 /// `$XDG_CACHE_HOME/hypura` (or `~/.cache/hypura`).
-pub fn cache_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".cache"),
-    };
-    Some(base.join("hypura"))
-}
+pub use crate::util::fs::cache_dir;
 
 /// This machine's cache file.
 pub fn cache_file() -> Option<PathBuf> {
