@@ -281,8 +281,8 @@ pub fn run(
                         (Some(r), _) => format!(
                             "{phase} · {}: generation {:.2} tok/s, prompt {:.1} tok/s ({wall_secs:.1} s)",
                             c.label,
-                            r.get("gen_tps").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
-                            r.get("prompt_tps").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
+                            r.gen_tps,
+                            r.prompt_tps,
                         ),
                         (None, e) => format!("{phase} · {}: failed: {}", c.label, e.as_deref().unwrap_or("?")),
                     };
@@ -300,7 +300,7 @@ pub fn run(
                         ok,
                         wall_secs,
                         error,
-                        report,
+                        report: report.map(|r| *r),
                     });
                 }
             }
