@@ -6,7 +6,7 @@
 //!
 //! Layers, from the bottom (a module imports only from layers below it; a
 //! unit test in `layering.rs` checks the lower ones): [`util`]; [`gguf`], [`io`];
-//! [`scheduler`] (pure planning: the machine's facts come in as numbers) and
+//! [`scheduler`] (pure planning: the machine's facts come in as numbers);
 //! [`profiler`]; [`config`]; [`engine`] (which gathers the facts in
 //! `engine::placement`) and [`report`]; [`bench`] and [`cli`].
 
