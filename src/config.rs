@@ -16,19 +16,12 @@
 //! this module does not know are kept when it rewrites the file.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use toml::{Table, Value};
 
 /// `$XDG_CONFIG_HOME/hypura` (absolute paths only, as the XDG spec says), else `~/.config/hypura`.
-pub fn config_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CONFIG_HOME") {
-        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".config"),
-    };
-    Some(base.join("hypura"))
-}
+pub use crate::util::fs::config_dir;
 
 /// The settings file (it may not exist).
 pub fn config_file() -> Option<PathBuf> {
@@ -94,13 +87,9 @@ pub fn save_lookahead(model: &Path, lookahead: usize) -> Result<PathBuf> {
         size,
         lookahead,
     )?;
-    let dir = path.parent().expect("the settings file has a parent");
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let text = toml::to_string_pretty(&table).context("serialising the settings")?;
     // Write then rename, so a reader never sees half a file.
-    let tmp = dir.join(format!(".config.toml.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    crate::util::fs::write_atomic(&path, text)?;
     Ok(path)
 }
 
@@ -124,10 +113,7 @@ fn store(table: &mut Table, machine: &str, model: &str, size: u64, lookahead: us
         "lookahead".into(),
         Value::Integer(i64::try_from(lookahead).context("lookahead too large")?),
     );
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::util::unix_secs();
     entry.insert("saved_at_unix".into(), Value::Integer(now as i64));
     models.insert(model.to_string(), Value::Table(entry));
     Ok(())

@@ -9,17 +9,21 @@ use crate::scheduler::{format_bytes, Mode};
 pub struct RunReport {
     pub mode: Mode,
     pub threads: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub load_secs: f64,
     /// Prompt tokens evaluated (those served from the KV cache not counted).
     pub prompt_tokens: usize,
     /// Prompt tokens served from the KV cache (a chat's earlier turns).
     #[serde(default)]
     pub prompt_reused_tokens: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub prompt_tps: f64,
     pub gen_tokens: usize,
+    #[serde(deserialize_with = "f64_or_nan")]
     pub gen_tps: f64,
     /// Milliseconds per generated token inside llama.cpp's decode; the rest
     /// of a token's time is Hypura's loop (sampling, output).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub decode_ms_per_token: f64,
     pub ram_budget_bytes: u64,
     pub resident_bytes: u64,
@@ -53,6 +57,12 @@ pub struct RunReport {
     pub upload_bytes_per_token: Option<f64>,
     /// Selections served by an expert already in its GPU slot, per token.
     pub gpu_expert_hits_per_token: Option<f64>,
+}
+
+/// serde_json writes a non-finite `f64` as `null`; it reads back as NaN
+/// (which the bench's statistics leave out), not as an error.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl RunReport {
@@ -116,5 +126,66 @@ impl RunReport {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+impl RunReport {
+    /// A report with `mode` and every figure zero or absent, for tests to fill in.
+    pub(crate) fn zeroed(mode: Mode) -> RunReport {
+        RunReport {
+            mode,
+            threads: 0,
+            load_secs: 0.0,
+            prompt_tokens: 0,
+            prompt_reused_tokens: 0,
+            prompt_tps: 0.0,
+            gen_tokens: 0,
+            gen_tps: 0.0,
+            decode_ms_per_token: 0.0,
+            ram_budget_bytes: 0,
+            resident_bytes: 0,
+            streamed_bytes: 0,
+            pool_bytes: 0,
+            lookahead: 0,
+            pinned_layers: 0,
+            streamed_layers: 0,
+            read_bytes_per_token: None,
+            stall_ms_per_token: None,
+            expert_hit_rate: None,
+            disk_gbps: None,
+            io_backend: None,
+            predicted_tps: None,
+            ceiling_tps: None,
+            peak_rss_bytes: 0,
+            load_read_bytes: None,
+            gpu_layers: 0,
+            gpu_device: None,
+            gpu_resident_bytes: None,
+            gpu_pool_bytes: None,
+            upload_bytes_per_token: None,
+            gpu_expert_hits_per_token: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_and_null_figures_read_as_nan() {
+        let mut r = RunReport::zeroed(Mode::GpuExperts);
+        r.gen_tps = 12.5;
+        r.io_backend = Some("io_uring".into());
+        let text = serde_json::to_string(&r).unwrap();
+        let back: RunReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        r.prompt_tps = f64::INFINITY;
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains("\"prompt_tps\":null"), "{text}");
+        let back: RunReport = serde_json::from_str(&text).unwrap();
+        assert!(back.prompt_tps.is_nan() && back.gen_tps == 12.5);
+        assert!(serde_json::from_str::<RunReport>(r#"{"gen_tps":3}"#).is_err());
     }
 }

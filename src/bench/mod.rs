@@ -17,7 +17,7 @@ pub mod stats;
 
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -95,7 +95,7 @@ pub fn machine_profile(model: &Path) -> Option<MachineProfile> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    match crate::profiler::load_or_measure(false, Some(dir)) {
+    match crate::profiler::load_or_measure(false, Some(dir), crate::engine::device::measure_all) {
         Ok(p) => Some(p),
         Err(e) => {
             tracing::warn!(
@@ -281,8 +281,8 @@ pub fn run(
                         (Some(r), _) => format!(
                             "{phase} · {}: generation {:.2} tok/s, prompt {:.1} tok/s ({wall_secs:.1} s)",
                             c.label,
-                            r.get("gen_tps").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
-                            r.get("prompt_tps").and_then(|v| v.as_f64()).unwrap_or(f64::NAN),
+                            r.gen_tps,
+                            r.prompt_tps,
                         ),
                         (None, e) => format!("{phase} · {}: failed: {}", c.label, e.as_deref().unwrap_or("?")),
                     };
@@ -300,7 +300,7 @@ pub fn run(
                         ok,
                         wall_secs,
                         error,
-                        report,
+                        report: report.map(|r| *r),
                     });
                 }
             }
@@ -320,10 +320,7 @@ pub fn run(
         .filter(|g| *g > 0.0);
     let summary = report::summarise(&configs, &runs, disk_ceiling_gbps);
     let best = report::best_lookahead(&summary);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::util::unix_secs();
     let mut doc = BenchDoc {
         hypura_version: env!("CARGO_PKG_VERSION").to_string(),
         created_unix: now,

@@ -10,6 +10,7 @@ use super::config::{BenchConfig, Kind, RunSettings};
 use super::runner::RunRecord;
 use super::stats::{median, Spread};
 use crate::profiler::MachineProfile;
+use crate::report::RunReport;
 use crate::scheduler::format_bytes;
 
 /// The model benchmarked.
@@ -107,10 +108,6 @@ pub struct BenchDoc {
     pub chart: Option<String>,
 }
 
-fn f(v: &serde_json::Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(serde_json::Value::as_f64)
-}
-
 /// Summarises each configuration's recorded runs.
 pub fn summarise(
     configs: &[BenchConfig],
@@ -123,20 +120,15 @@ pub fn summarise(
         .map(|(i, c)| {
             let mine: Vec<&RunRecord> =
                 runs.iter().filter(|r| r.config == i && !r.warmup).collect();
-            let reports: Vec<&serde_json::Value> =
-                mine.iter().filter_map(|r| r.report.as_ref()).collect();
-            let all =
-                |key: &str| -> Vec<f64> { reports.iter().filter_map(|r| f(r, key)).collect() };
-            let med = |key: &str| median(&all(key));
+            let reports: Vec<&RunReport> = mine.iter().filter_map(|r| r.report.as_ref()).collect();
+            let all = |field: fn(&RunReport) -> Option<f64>| -> Vec<f64> {
+                reports.iter().filter_map(|r| field(r)).collect()
+            };
+            let med = |field: fn(&RunReport) -> Option<f64>| median(&all(field));
             let mut errors: Vec<String> = mine.iter().filter_map(|r| r.error.clone()).collect();
             errors.dedup();
-            let first_str = |key: &str| {
-                reports
-                    .iter()
-                    .find_map(|r| r.get(key)?.as_str().map(String::from))
-            };
-            let read = med("read_bytes_per_token");
-            let disk = med("disk_gbps");
+            let read = med(|r| r.read_bytes_per_token);
+            let disk = med(|r| r.disk_gbps);
             let ceiling_gbps = disk_ceiling_gbps.filter(|g| *g > 0.0);
             ConfigSummary {
                 config: c.id.clone(),
@@ -144,31 +136,33 @@ pub fn summarise(
                 kind: c.kind,
                 lookahead: c.lookahead,
                 effective_lookahead: match c.kind {
-                    Kind::Streaming => med("lookahead").map(|x| x.round() as usize),
+                    Kind::Streaming => {
+                        med(|r| Some(r.lookahead as f64)).map(|x| x.round() as usize)
+                    }
                     Kind::Baseline => None,
                 },
                 runs: mine.len(),
                 failed: mine.iter().filter(|r| !r.ok).count(),
                 errors,
-                mode: first_str("mode"),
-                prompt_tokens: med("prompt_tokens"),
-                gen_tokens: med("gen_tokens"),
-                prompt_tps: Spread::of(&all("prompt_tps")),
-                gen_tps: Spread::of(&all("gen_tps")),
-                load_secs: med("load_secs"),
+                mode: reports.first().map(|r| r.mode.label().to_string()),
+                prompt_tokens: med(|r| Some(r.prompt_tokens as f64)),
+                gen_tokens: med(|r| Some(r.gen_tokens as f64)),
+                prompt_tps: Spread::of(&all(|r| Some(r.prompt_tps))),
+                gen_tps: Spread::of(&all(|r| Some(r.gen_tps))),
+                load_secs: med(|r| Some(r.load_secs)),
                 read_bytes_per_token: read,
-                stall_ms_per_token: med("stall_ms_per_token"),
-                expert_hit_rate: med("expert_hit_rate"),
+                stall_ms_per_token: med(|r| r.stall_ms_per_token),
+                expert_hit_rate: med(|r| r.expert_hit_rate),
                 disk_gbps: disk,
                 disk_ratio: disk.zip(ceiling_gbps).map(|(d, c)| d / c),
-                predicted_tps: med("predicted_tps"),
-                ceiling_tps: med("ceiling_tps"),
+                predicted_tps: med(|r| r.predicted_tps),
+                ceiling_tps: med(|r| r.ceiling_tps),
                 disk_ceiling_tps: read
                     .filter(|b| *b > 0.0)
                     .zip(ceiling_gbps)
                     .map(|(b, g)| g * 1e9 / b),
-                peak_rss_bytes: med("peak_rss_bytes"),
-                io_backend: first_str("io_backend"),
+                peak_rss_bytes: med(|r| Some(r.peak_rss_bytes as f64)),
+                io_backend: reports.iter().find_map(|r| r.io_backend.clone()),
             }
         })
         .collect()
@@ -315,8 +309,9 @@ pub fn markdown(doc: &BenchDoc) -> String {
 mod tests {
     use super::*;
     use crate::bench::config::BenchConfig;
+    use crate::scheduler::Mode;
 
-    fn rec(config: usize, warmup: bool, report: serde_json::Value) -> RunRecord {
+    fn rec(config: usize, warmup: bool, report: RunReport) -> RunRecord {
         RunRecord {
             config,
             config_id: String::new(),
@@ -337,7 +332,14 @@ mod tests {
             BenchConfig::streaming(2, None, None),
             BenchConfig::baseline("auto"),
         ];
-        let r = |tps: f64, depth: usize| serde_json::json!({"mode": "experts", "gen_tps": tps, "prompt_tps": 10.0, "lookahead": depth, "read_bytes_per_token": 2e6, "disk_gbps": 1.0});
+        let r = |tps: f64, depth: usize| RunReport {
+            gen_tps: tps,
+            prompt_tps: 10.0,
+            lookahead: depth,
+            read_bytes_per_token: Some(2e6),
+            disk_gbps: Some(1.0),
+            ..RunReport::zeroed(Mode::Experts)
+        };
         let runs = vec![
             rec(0, true, r(100.0, 0)),
             rec(0, false, r(5.0, 0)),
@@ -347,7 +349,11 @@ mod tests {
             rec(
                 2,
                 false,
-                serde_json::json!({"mode": "resident", "gen_tps": 20.0, "prompt_tps": 30.0}),
+                RunReport {
+                    gen_tps: 20.0,
+                    prompt_tps: 30.0,
+                    ..RunReport::zeroed(Mode::Resident)
+                },
             ),
         ];
         let s = summarise(&configs, &runs, Some(2.0));

@@ -15,6 +15,8 @@ use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
+use crate::report::RunReport;
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
@@ -62,8 +64,8 @@ pub struct RunRecord {
     pub wall_secs: f64,
     /// Why the run failed.
     pub error: Option<String>,
-    /// `hypura run --json`'s report, as printed.
-    pub report: Option<serde_json::Value>,
+    /// `hypura run --json`'s report (the JSON object it printed).
+    pub report: Option<RunReport>,
 }
 
 /// How a run ended.
@@ -72,7 +74,8 @@ pub enum Outcome {
         ok: bool,
         wall_secs: f64,
         error: Option<String>,
-        report: Option<serde_json::Value>,
+        /// Boxed: a report is large next to `Interrupted`.
+        report: Option<Box<RunReport>>,
     },
     /// Ctrl-C: the child was killed and the run is dropped.
     Interrupted,
@@ -123,7 +126,11 @@ pub fn run_child(
     };
     let wall_secs = start.elapsed().as_secs_f64();
     let text = reader.join().unwrap_or_default();
-    let report = last_json(&text);
+    let (report, unreadable) = match last_json(&text) {
+        Some(Ok(r)) => (Some(r), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
     let ok = status.success() && report.is_some();
     let error = if ok {
         None
@@ -132,6 +139,10 @@ pub fn run_child(
             "timed out after {:.0} s",
             timeout.unwrap_or_default().as_secs_f64()
         ))
+    } else if let (true, Some(e)) = (status.success(), unreadable) {
+        Some(format!(
+            "its JSON report is not this build's RunReport: {e}"
+        ))
     } else {
         Some(failure_reason(status, &text))
     };
@@ -139,12 +150,13 @@ pub fn run_child(
         ok,
         wall_secs,
         error,
-        report: if ok { report } else { None },
+        report: if ok { report.map(Box::new) } else { None },
     })
 }
 
-/// The last stderr line that is a JSON object.
-pub fn last_json(stderr: &str) -> Option<serde_json::Value> {
+/// The run's report: the last stderr line that is a JSON object, read as a
+/// [`RunReport`] (`Err` when that object is not one, e.g. from another build).
+pub fn last_json(stderr: &str) -> Option<serde_json::Result<RunReport>> {
     stderr
         .lines()
         .rev()
@@ -155,6 +167,7 @@ pub fn last_json(stderr: &str) -> Option<serde_json::Value> {
                 .ok()
                 .filter(serde_json::Value::is_object)
         })
+        .map(serde_json::from_value)
 }
 
 fn failure_reason(status: std::process::ExitStatus, stderr: &str) -> String {
@@ -187,11 +200,24 @@ fn failure_reason(status: std::process::ExitStatus, stderr: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The JSON line `hypura run --json` prints for a report with `gen_tps`.
+    fn report_json(gen_tps: f64) -> String {
+        let mut r = RunReport::zeroed(crate::scheduler::Mode::Dense);
+        r.gen_tps = gen_tps;
+        serde_json::to_string(&r).unwrap()
+    }
+
     #[test]
     fn last_json_line_wins() {
-        let s = "loading\n{\"a\":1}\nnoise\n{\"a\":2}\n";
-        assert_eq!(last_json(s).unwrap()["a"], 2);
+        let s = format!(
+            "loading\n{}\nnoise\n{}\n",
+            report_json(1.0),
+            report_json(2.0)
+        );
+        assert_eq!(last_json(&s).unwrap().unwrap().gen_tps, 2.0);
         assert!(last_json("error: x\n{broken\n").is_none());
+        // A JSON object that is not a report (another build's) is an error.
+        assert!(last_json("{\"a\":2}\n").unwrap().is_err());
     }
 
     #[test]
@@ -200,7 +226,7 @@ mod tests {
         let sh = Path::new("/bin/sh");
         let ok = run_child(
             sh,
-            &["-c".into(), "echo '{\"gen_tps\":3}' >&2".into()],
+            &["-c".into(), format!("echo '{}' >&2", report_json(3.0))],
             None,
             &bar,
         )
@@ -208,7 +234,21 @@ mod tests {
         match ok {
             Outcome::Finished { ok, report, .. } => {
                 assert!(ok);
-                assert_eq!(report.unwrap()["gen_tps"], 3);
+                assert_eq!(report.unwrap().gen_tps, 3.0);
+            }
+            Outcome::Interrupted => panic!("not interrupted"),
+        }
+        let foreign = run_child(
+            sh,
+            &["-c".into(), "echo '{\"gen_tps\":3}' >&2".into()],
+            None,
+            &bar,
+        )
+        .unwrap();
+        match foreign {
+            Outcome::Finished { ok, error, .. } => {
+                assert!(!ok);
+                assert!(error.unwrap().contains("not this build's RunReport"));
             }
             Outcome::Interrupted => panic!("not interrupted"),
         }

@@ -21,7 +21,7 @@ impl Spread {
         }
         v.sort_by(f64::total_cmp);
         Some(Spread {
-            median: median_sorted(&v),
+            median: crate::util::median_sorted(&v),
             min: v[0],
             max: v[v.len() - 1],
             n: v.len(),
@@ -40,15 +40,6 @@ impl Spread {
 /// The median of finite values, `None` when there are none.
 pub fn median(values: &[f64]) -> Option<f64> {
     Spread::of(values).map(|s| s.median)
-}
-
-fn median_sorted(v: &[f64]) -> f64 {
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 #[cfg(test)]

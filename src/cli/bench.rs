@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::bench::{self, config::parse_depths, BenchOptions};
 use crate::gguf::GgufFile;
-use crate::scheduler::{format_bytes, Mode};
+use crate::scheduler::{format_bytes, parse_size_arg, Mode};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -75,10 +75,6 @@ pub struct BenchArgs {
     /// Save the best lookahead for this model and machine to the settings file `run` reads.
     #[arg(long)]
     pub save: bool,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    crate::scheduler::parse_size(s).map_err(|e| e.to_string())
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {

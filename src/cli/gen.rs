@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::inspect::human_bytes;
 use crate::gguf::synth::{self, SynthArch, SynthConfig};
 use crate::gguf::GgmlType;
+use crate::scheduler::{format_bytes as human_bytes, parse_size_arg};
 
 /// Model family to generate.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub struct GenArgs {
     #[arg(long, conflicts_with = "target_size")]
     pub layers: Option<u32>,
     /// Pick the layer count so the file is at most this big (e.g. 8G, 512M).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_nonzero_size)]
     pub target_size: Option<u64>,
     /// Hidden size [default: 256].
     #[arg(long)]
@@ -187,34 +187,12 @@ fn parse_type(s: &str) -> Result<GgmlType, String> {
     GgmlType::from_name(s).ok_or_else(|| format!("unknown ggml type '{s}'"))
 }
 
-/// `123`, `512K`, `8G`, `1.5GiB`: binary units (K = 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 8G or 512M"))?;
-    let shift = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches('B')
-        .trim_end_matches('I')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("'{s}': unknown unit (use K, M, G or T)")),
-    };
-    let bytes = value * (1u64 << shift) as f64;
-    if !(1.0..1.8e19).contains(&bytes) {
-        return Err(format!("'{s}' is out of range"));
+/// `123`, `512K`, `8G`, `1.5GiB`: binary units (K = 1024), at least one byte.
+fn parse_nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size_arg(s)? {
+        0 => Err(format!("'{s}' is out of range (at least 1 byte)")),
+        b => Ok(b),
     }
-    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -223,12 +201,12 @@ mod tests {
 
     #[test]
     fn sizes_parse() {
-        assert_eq!(parse_size("8G"), Ok(8 << 30));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("8Q").is_err());
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("0").is_err());
+        assert_eq!(parse_nonzero_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_nonzero_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_nonzero_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_nonzero_size("4096"), Ok(4096));
+        assert!(parse_nonzero_size("8Q").is_err());
+        assert!(parse_nonzero_size("x").is_err());
+        assert!(parse_nonzero_size("0").is_err());
     }
 }

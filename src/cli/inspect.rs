@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::scheduler::{plan_for_machine, Mode, PlacementArgs, Plan, Tier};
+use crate::engine::placement::{plan_for_machine, PlacementArgs};
+use crate::scheduler::{Mode, Plan, Tier};
 
 use crate::gguf::{ArchParams, GgufFile, MetaValue, TensorInfo, TensorRole};
 

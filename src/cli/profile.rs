@@ -41,7 +41,8 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         compare_backends: args.compare_backends,
         progress: true,
     };
-    let (p, source) = profiler::load_or_measure_with(args.force, &opts)?;
+    let (p, source) =
+        profiler::load_or_measure_with(args.force, &opts, crate::engine::device::measure_all)?;
     match source {
         ProfileSource::Cached(f) => {
             eprintln!(

@@ -10,11 +10,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::engine::chat::ChatMessage;
 use crate::engine::generate::GenStats;
 use crate::engine::logits::LogitsWriter;
+use crate::engine::placement::PlacementArgs;
 use crate::engine::sampling::SamplingParams;
 use crate::engine::session::add_metrics;
 use crate::engine::stream::StreamMetrics;
 use crate::engine::{GenerateRequest, LoadMode, Session, SessionOptions};
-use crate::scheduler::PlacementArgs;
 
 /// Sampling settings (llama.cpp's sampler chain; defaults as its CLI).
 #[derive(clap::Args, Debug, Clone)]

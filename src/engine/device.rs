@@ -406,3 +406,40 @@ pub fn measure_upload(dev: &Device, bytes: usize, rounds: usize) -> Result<(Opti
     let pg = time(pageable.as_ptr());
     Ok((pinned, pg))
 }
+
+/// Every ggml device as the machine profile records it: name, kind, memory,
+/// and for a GPU the host→device copy bandwidth (256 MiB copies, 64 MiB when
+/// less than 4 GiB is free, best of 5, from pinned and from pageable memory).
+/// `hypura profile` hands this to [`crate::profiler`], which does not reach
+/// into the engine.
+pub fn measure_all() -> Vec<crate::profiler::GpuProfile> {
+    Device::all()
+        .into_iter()
+        .map(|d| {
+            let (free, total) = d.memory();
+            let (mut pinned, mut pageable) = (None, None);
+            if matches!(d.kind(), Kind::Gpu | Kind::Igpu) {
+                let bytes = if free > 4 << 30 { 256 << 20 } else { 64 << 20 };
+                match measure_upload(&d, bytes, 5) {
+                    Ok((p, g)) => {
+                        pinned = p;
+                        pageable = Some(g);
+                    }
+                    Err(e) => tracing::warn!(
+                        "{}: cannot measure host-to-device bandwidth: {e:#}",
+                        d.name()
+                    ),
+                }
+            }
+            crate::profiler::GpuProfile {
+                name: d.name(),
+                description: d.description(),
+                kind: d.kind_label().to_string(),
+                total_bytes: total,
+                free_bytes: free,
+                h2d_pinned_gbps: pinned,
+                h2d_pageable_gbps: pageable,
+            }
+        })
+        .collect()
+}

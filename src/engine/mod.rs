@@ -11,6 +11,7 @@
 //!   typical, temperature, seed, GBNF grammar) and the greedy argmax.
 //! - [`chat`]: chat templates (the model's Jinja one, or llama.cpp's built-ins).
 //! - [`stop`]: stop strings over streamed text.
+//! - [`placement`]: this machine's facts (profile, free memory, GPU) for the plan.
 //! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
 //! - [`logits`]: the `--logits-out` file format.
@@ -23,6 +24,7 @@ pub mod device;
 pub mod generate;
 pub mod logits;
 pub mod model;
+pub mod placement;
 pub mod sampling;
 pub mod session;
 pub mod stop;

@@ -29,13 +29,14 @@ use super::device::Device;
 use super::generate::{GenStats, Utf8Stream};
 use super::logits::LogitsWriter;
 use super::model::{LoadMode, LoadOptions, Model};
+use super::placement::{plan_for_machine, PlacementArgs};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::StopText;
 use super::stream::{Cuts, StreamMetrics, Streamer};
 use super::stream_buft::StreamBufferType;
 use crate::gguf::GgufFile;
 use crate::report::RunReport;
-use crate::scheduler::{plan_for_machine, Mode, PlacementArgs, Plan};
+use crate::scheduler::{Mode, Plan};
 
 /// How to load a model into a session.
 #[derive(Debug, Clone)]

@@ -1,45 +1,7 @@
-//! ggml's view of the machine: devices (through the engine's device layer), and the CPU features
-//! the linked ggml was built for (`ggml_cpu_has_*`). The only FFI of the profiler.
+//! The CPU features the linked ggml was built for (`ggml_cpu_has_*`). The only FFI of the
+//! profiler; its devices are measured by the engine (`engine::device::measure_all`) and handed in.
 
 use hypura_sys as sys;
-
-use super::GpuProfile;
-
-/// Every ggml device: name, kind, memory, and for a GPU the host→device
-/// copy bandwidth (256 MiB copies, 64 MiB when less than 4 GiB is free, best
-/// of 5, from pinned and from pageable memory).
-pub(crate) fn devices() -> Vec<GpuProfile> {
-    use crate::engine::device::{measure_upload, Device, Kind};
-    Device::all()
-        .into_iter()
-        .map(|d| {
-            let (free, total) = d.memory();
-            let (mut pinned, mut pageable) = (None, None);
-            if matches!(d.kind(), Kind::Gpu | Kind::Igpu) {
-                let bytes = if free > 4 << 30 { 256 << 20 } else { 64 << 20 };
-                match measure_upload(&d, bytes, 5) {
-                    Ok((p, g)) => {
-                        pinned = p;
-                        pageable = Some(g);
-                    }
-                    Err(e) => tracing::warn!(
-                        "{}: cannot measure host-to-device bandwidth: {e:#}",
-                        d.name()
-                    ),
-                }
-            }
-            GpuProfile {
-                name: d.name(),
-                description: d.description(),
-                kind: d.kind_label().to_string(),
-                total_bytes: total,
-                free_bytes: free,
-                h2d_pinned_gbps: pinned,
-                h2d_pageable_gbps: pageable,
-            }
-        })
-        .collect()
-}
 
 /// Features the linked ggml CPU backend was compiled with.
 pub(crate) fn cpu_features() -> Vec<String> {

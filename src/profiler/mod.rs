@@ -2,6 +2,10 @@
 //! Hypura's own I/O engine, and ggml devices. Measured by `hypura profile`, cached as TOML
 //! under `$XDG_CACHE_HOME/hypura/profile-<machine key>.toml` and reused by other commands
 //! through [`load_or_measure`] / [`load_cached`].
+//!
+//! The profiler sits below the engine: the ggml devices (the GPUs' copy bandwidth) are measured
+//! by the caller's [`DeviceProbe`] (`engine::device::measure_all`), run only when a fresh
+//! measurement is made.
 
 mod cpu;
 mod ggml;
@@ -10,7 +14,6 @@ mod report;
 mod storage;
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -128,6 +131,9 @@ pub struct GpuProfile {
     pub h2d_pageable_gbps: Option<f64>,
 }
 
+/// Measures every ggml device for [`MachineProfile::gpus`] (`engine::device::measure_all`).
+pub type DeviceProbe = fn() -> Vec<GpuProfile>;
+
 /// What to measure and how.
 #[derive(Clone, Debug, Default)]
 pub struct MeasureOptions {
@@ -195,8 +201,12 @@ pub fn load_cached() -> Option<MachineProfile> {
 
 /// The cached profile, or a fresh measurement (saved to the cache) when there is none, when
 /// `force`, or when the cache was measured on another directory than `path`.
-pub fn load_or_measure(force: bool, path: Option<&Path>) -> Result<MachineProfile> {
-    Ok(load_or_measure_with(force, &MeasureOptions::for_commands(path))?.0)
+pub fn load_or_measure(
+    force: bool,
+    path: Option<&Path>,
+    devices: DeviceProbe,
+) -> Result<MachineProfile> {
+    Ok(load_or_measure_with(force, &MeasureOptions::for_commands(path), devices)?.0)
 }
 
 /// Where a profile came from.
@@ -215,6 +225,7 @@ pub enum ProfileSource {
 pub fn load_or_measure_with(
     force: bool,
     opts: &MeasureOptions,
+    devices: DeviceProbe,
 ) -> Result<(MachineProfile, ProfileSource)> {
     if !force && opts.is_plain() {
         if let Some(p) = load_cached() {
@@ -227,7 +238,7 @@ pub fn load_or_measure_with(
             }
         }
     }
-    let p = measure(opts)?;
+    let p = measure(opts, devices)?;
     if opts.backend != crate::io::Backend::Auto {
         return Ok((
             p,
@@ -243,8 +254,8 @@ pub fn load_or_measure_with(
     }
 }
 
-/// Measures everything (no cache involved).
-pub fn measure(opts: &MeasureOptions) -> Result<MachineProfile> {
+/// Measures everything (no cache involved); `devices` measures the ggml devices.
+pub fn measure(opts: &MeasureOptions, devices: DeviceProbe) -> Result<MachineProfile> {
     let dir = opts.path.clone().unwrap_or_else(default_models_dir);
     anyhow::ensure!(dir.is_dir(), "{} is not a directory", dir.display());
     let steps = 3 + storage::steps(opts);
@@ -254,7 +265,7 @@ pub fn measure(opts: &MeasureOptions) -> Result<MachineProfile> {
     let cpu = cpu::probe(ggml::cpu_features());
     bar.inc(1);
     bar.set_message("GPUs (ggml devices)");
-    let gpus = ggml::devices();
+    let gpus = devices();
     bar.inc(1);
     bar.set_message("memory bandwidth");
     let memory = memory::probe(opts.quick)?;
@@ -266,9 +277,7 @@ pub fn measure(opts: &MeasureOptions) -> Result<MachineProfile> {
     Ok(MachineProfile {
         version: PROFILE_VERSION,
         machine_key: machine_key_for(&cpu.model, memory.total_bytes),
-        measured_at_unix: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        measured_at_unix: crate::util::unix_secs(),
         hypura_version: env!("CARGO_PKG_VERSION").to_string(),
         quick: opts.quick,
         cpu,
@@ -296,27 +305,13 @@ fn progress_bar(show: bool, len: u64) -> indicatif::ProgressBar {
 /// Writes the profile to the cache (atomically: temp file + rename). Returns the path.
 pub fn save(p: &MachineProfile) -> Result<PathBuf> {
     let path = cache_file().context("no cache directory ($XDG_CACHE_HOME and $HOME unset)")?;
-    let dir = path.parent().expect("cache file has a parent");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text = toml::to_string_pretty(p).context("serialising the profile")?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap().to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    crate::util::fs::write_atomic(&path, text)?;
     Ok(path)
 }
 
 /// `$XDG_CACHE_HOME/hypura` (or `~/.cache/hypura`).
-pub fn cache_dir() -> Option<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty())?).join(".cache"),
-    };
-    Some(base.join("hypura"))
-}
+pub use crate::util::fs::cache_dir;
 
 /// This machine's cache file.
 pub fn cache_file() -> Option<PathBuf> {

@@ -15,6 +15,7 @@ use super::{BackendComparison, MeasureOptions, SeqResult, StorageProfile};
 use crate::io::{
     self, open_reader, AlignedBuf, Backend, FileId, IoOptions, ReadBackend, ReaderInfo,
 };
+use crate::util::rng::Rng;
 
 pub(crate) const QUEUE_DEPTHS: [usize; 4] = [1, 4, 16, 32];
 pub(crate) const BLOCK_SIZES: [usize; 3] = [128 << 10, 1 << 20, 4 << 20];
@@ -281,15 +282,13 @@ fn writescratch(path: &Path, bytes: u64, fallbacks: &mut Vec<String>) -> Result<
         io::open_for_write_nocache(path).with_context(|| format!("creating {}", path.display()))?;
     const BLOCK: usize = 4 << 20;
     let mut block = AlignedBuf::new(BLOCK)?;
-    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64);
-    for w in block.as_mut_slice().chunks_exact_mut(8) {
-        w.copy_from_slice(&rng.next().to_le_bytes());
-    }
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64);
+    rng.fill_bytes(block.as_mut_slice());
     let mut written = 0u64;
     while written < bytes {
         let n = (bytes - written).min(BLOCK as u64) as usize;
         // Make every block distinct (no dedup/compression shortcuts).
-        block.as_mut_slice()[..8].copy_from_slice(&(written ^ rng.next()).to_le_bytes());
+        block.as_mut_slice()[..8].copy_from_slice(&(written ^ rng.next_u64()).to_le_bytes());
         f.write_all(&block.as_slice()[..n])
             .with_context(|| format!("writing {}", path.display()))?;
         written += n as u64;
@@ -420,13 +419,13 @@ fn rand_run(
     let mut r = open(file, backend, qd, BS)?;
     let mut spare = pool.take(qd, BS)?;
     register(r.as_mut(), &spare)?;
-    let mut rng = XorShift::new(0x2545_f491_4f6c_dd1d);
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
     let mut lat = Vec::with_capacity(plan.rand_max_ops + qd);
     let mut inflight = VecDeque::with_capacity(qd);
     let mut issued = 0usize;
     let t0 = Instant::now();
     while let Some(b) = spare.pop() {
-        let off = rng.next() % blocks * BS as u64;
+        let off = rng.next_u64() % blocks * BS as u64;
         inflight.push_back((r.submit_owned(FileId(0), off, BS, b)?, Instant::now()));
         issued += 1;
     }
@@ -437,7 +436,7 @@ fn rand_run(
         done += 1;
         let b = c.into_buf().expect("owned buffer");
         if issued < plan.rand_max_ops && t0.elapsed() < plan.rand_budget {
-            let off = rng.next() % blocks * BS as u64;
+            let off = rng.next_u64() % blocks * BS as u64;
             inflight.push_back((r.submit_owned(FileId(0), off, BS, b)?, Instant::now()));
             issued += 1;
         } else {
@@ -469,29 +468,7 @@ fn percentiles(mut v: Vec<f64>) -> (f64, f64) {
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-/// xorshift64*: offsets and scratch contents (not cryptographic).
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        XorShift(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
+    crate::util::median_sorted(&s)
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@
 
 use std::io::Write;
 
-use super::rng::Rng;
 use crate::gguf::GgmlType;
+use crate::util::rng::Rng;
 
 /// The types `hypura gen` can fill with valid random blocks.
 pub const SUPPORTED: [GgmlType; 13] = [

@@ -9,14 +9,13 @@
 //! `1 ± 0.01`, so activations stay finite across any number of layers.
 
 mod blocks;
-mod rng;
 mod vocab;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use crate::util::rng::Rng;
 pub use blocks::{f16_to_f32, f32_to_bf16, f32_to_f16, Init, SUPPORTED as SUPPORTED_TYPES};
-pub use rng::Rng;
 pub use vocab::{Vocab, BOS_ID, EOS_ID, MIN_VOCAB, UNK_ID};
 
 use super::{GgmlType, GgufError, GgufWriter};
