@@ -15,20 +15,10 @@ use hypura::engine::sampling::{argmax, Sampler, SamplingParams};
 fn main() {
     const VOCAB: usize = 262_144;
     const ROUNDS: usize = 300;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut rows: Vec<Vec<f32>> = Vec::new();
-    for _ in 0..8 {
-        rows.push(
-            (0..VOCAB)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (state >> 40) as f32 / (1u64 << 24) as f32 * 30.0 - 15.0
-                })
-                .collect(),
-        );
-    }
+    let mut rng = hypura::util::rng::Rng::new(0x5EED);
+    let rows: Vec<Vec<f32>> = (0..8)
+        .map(|_| (0..VOCAB).map(|_| rng.next_f32() * 30.0 - 15.0).collect())
+        .collect();
     let mut chain = Sampler::chain_only(&SamplingParams::greedy(), VOCAB).expect("sampler chain");
     let (mut t_chain, mut t_fast) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
     for i in 0..ROUNDS {

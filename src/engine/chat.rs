@@ -250,7 +250,7 @@ mod tests {
         ];
         assert_eq!(
             render(src, &msgs, true).unwrap(),
-            "[USER|hi, there|true|2][ASSISTANT|a,b,c|false|3]<s>>"
+            "[USER|hi, there|True|2][ASSISTANT|a,b,c|False|3]<s>>"
         );
     }
 

@@ -408,13 +408,8 @@ mod tests {
 
     #[test]
     fn argmax_matches_the_scalar_definition() {
-        let mut state = 7u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) as f64 / (1u64 << 31) as f64) * 8.0 - 4.0
-        };
+        let mut rng = crate::util::rng::Rng::new(7);
+        let mut next = move || rng.next_f32() as f64 * 8.0 - 4.0;
         for n in [0usize, 1, 2, 15, 16, 17, 31, 33, 100, 1000, 4099] {
             for round in 0..50 {
                 let mut v: Vec<f32> = (0..n).map(|_| next().round() as f32).collect(); // many ties
@@ -442,13 +437,8 @@ mod tests {
 
     #[test]
     fn chain_greedy_equals_argmax() {
-        let mut state = 11u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % 64) as f32 / 4.0
-        };
+        let mut rng = crate::util::rng::Rng::new(11);
+        let mut next = move || (rng.next_u64() % 64) as f32 / 4.0;
         let n = 1000;
         let mut chain = Sampler::build(&SamplingParams::greedy(), n, None, 0, false).unwrap();
         assert!(!chain.fast_greedy);
