@@ -196,7 +196,10 @@ impl Session {
                 };
                 let reader = crate::io::open_reader(path, &io)
                     .with_context(|| format!("{}: cannot open for streaming", path.display()))?;
-                Some(Streamer::new(&plan, &buft, reader, gpu_dev)?)
+                // SAFETY: the model that owns the tensors `buft` reported is a
+                // field of the session declared after the streamer, so it is
+                // dropped after it (module docs); the context holds it too.
+                Some(unsafe { Streamer::new(&plan, &buft, reader, gpu_dev) }?)
             }
         };
         let load_secs = t_load.elapsed().as_secs_f64();

@@ -1,0 +1,686 @@
+//! The expert cache and the co-activation predictor (MoE streaming).
+//!
+//! Every expert tensor (`*_exps`) has its place in an arena of address space;
+//! an expert is a contiguous range of each of its layer's tensors. When the
+//! router has picked a layer's experts, the ones not in memory are read
+//! (`Empty` → `Loading` → `Loaded`) and stay cached across tokens within the
+//! budget; the least recently selected loaded experts are evicted first
+//! (never one of the layer's current picks, never one being read).
+//!
+//! The predictor counts, per pair of consecutive expert layers, which experts
+//! followed which (`coact`), and with lookahead ≥ 1 reads ahead the next
+//! layer's likeliest experts while the current layer computes, as long as
+//! read-ahead pays (at least half of it recently used).
+//!
+//! Staged GPU tier: the RAM cache can be pinned memory cut into uniform slots
+//! (one expert of a layer each), so copies to the device run at the pinned
+//! rate; selected experts already in the layer's device slot need nothing.
+
+use std::ffi::c_void;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use hypura_sys as sys;
+
+use crate::engine::device::{Buffer, Device};
+use crate::io::{slot_len_for, slot_offset_for, FileId, ReadBackend, ReadRequest, Ticket, ALIGN};
+
+use super::memory::{arena_layout, Mapping};
+use super::metrics::StreamMetrics;
+use super::upload::GpuPool;
+use super::TensorSpec;
+
+/// One `*_exps` tensor of a layer, its address range in the expert arena.
+pub(super) struct ExpertTensor {
+    pub file_offset: u64,
+    pub expert_bytes: usize,
+    /// Where expert 0 starts in memory (same offset mod 4096 as in the file).
+    pub base: *mut u8,
+    pub tensor: *mut sys::ggml_tensor,
+    /// Staged GPU tier: offset in a device slot, and the padding after it.
+    pub dev_off: usize,
+    pub dev_pad: usize,
+    /// Pinned RAM cache: where this tensor's piece of an expert starts in a
+    /// cache slot (aligned; the bytes land at + file offset mod 4096).
+    pub piece_off: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum ExpertState {
+    Empty,
+    /// Reads in flight (a speculative prefetch); tickets in `pending`.
+    Loading,
+    Loaded,
+}
+
+pub(super) struct ExpertLayer {
+    pub tensors: Vec<ExpertTensor>,
+    pub state: Vec<ExpertState>,
+    /// Read ahead by the predictor and not used yet.
+    speculative: Vec<bool>,
+    /// Per expert × tensor: the ticket of a read in flight.
+    pending: Vec<Option<Ticket>>,
+    /// Per expert: the pass it was last selected in (LRU eviction).
+    last_used: Vec<u64>,
+    /// Co-activation counts from the previous expert layer: `[e_prev * n + e]`.
+    coact: Vec<u32>,
+    /// Memory one expert of this layer takes (all its tensors, aligned).
+    expert_mem: u64,
+    /// Staged GPU tier: the device slot this layer owns for good, if any.
+    pub dedicated_slot: Option<usize>,
+    /// Pinned RAM cache: the cache slot of each loaded expert (u32::MAX: none).
+    cache_slot: Vec<u32>,
+}
+
+impl ExpertLayer {
+    pub fn n(&self) -> usize {
+        self.state.len()
+    }
+}
+
+/// The expert layers, the RAM cache they load into, and the predictor.
+pub(super) struct ExpertCache {
+    pub layers: Vec<Option<ExpertLayer>>,
+    lookahead: usize,
+    budget: u64,
+    resident: u64,
+    /// Most experts of a layer.
+    max_n: usize,
+    /// The layer at hand's selected experts (router ids, deduplicated).
+    selected: Vec<i32>,
+    prev_ids: Vec<i32>,
+    prev_layer: usize,
+    scores: Vec<(u32, usize)>,
+    /// Recent read-ahead outcomes (decayed): used / wasted.
+    spec_recent: (u32, u32),
+    tickets: Vec<Ticket>,
+    /// Selected experts missing from the GPU slot (staged GPU tier).
+    dev_missing: Vec<i32>,
+    /// Staged GPU tier: the RAM expert cache as pinned memory cut into
+    /// uniform slots (one expert of a layer each), so copies to the GPU run
+    /// at the pinned rate; none: the address-space arena (pageable).
+    cache: Option<Buffer>,
+    cache_slot_bytes: usize,
+    cache_free: Vec<u32>,
+    /// Address space for every expert tensor; only loaded experts are committed.
+    arena: Option<Mapping>,
+}
+
+impl ExpertCache {
+    /// No expert streaming.
+    pub fn none() -> ExpertCache {
+        ExpertCache {
+            layers: Vec::new(),
+            lookahead: 0,
+            budget: 0,
+            resident: 0,
+            max_n: 1,
+            selected: Vec::new(),
+            prev_ids: Vec::new(),
+            prev_layer: usize::MAX,
+            scores: Vec::new(),
+            spec_recent: (0, 0),
+            tickets: Vec::new(),
+            dev_missing: Vec::new(),
+            cache: None,
+            cache_slot_bytes: 0,
+            cache_free: Vec::new(),
+            arena: None,
+        }
+    }
+
+    /// The expert layers of `specs` (each tensor's size a multiple of its
+    /// expert count), caching up to `budget` bytes of experts. Unless staged
+    /// (`staged`: laid out for that device's slots), the tensors now point
+    /// into the arena.
+    pub fn new(
+        specs: &[TensorSpec],
+        n_layer: usize,
+        lookahead: usize,
+        budget: u64,
+        staged: Option<&Device>,
+    ) -> Result<ExpertCache> {
+        let align_dev = |dev: &Device, x: usize| x.next_multiple_of(dev.alignment().max(256));
+        let mut layers: Vec<Option<ExpertLayer>> = (0..n_layer).map(|_| None).collect();
+        // One arena of address space for every expert tensor, each placed so
+        // that memory and file offsets agree mod 4096 (aligned reads land in
+        // place). Only loaded experts are ever committed.
+        let (starts, len) = arena_layout(specs.iter().map(|t| (t.file_offset, t.size)));
+        let arena = Mapping::read_write(len, true)?;
+        let mut max_n = 1usize;
+        for (t, &start) in specs.iter().zip(&starts) {
+            let n = t.n_experts;
+            let layer = layers[t.layer].get_or_insert_with(|| ExpertLayer {
+                tensors: Vec::new(),
+                state: vec![ExpertState::Empty; n],
+                speculative: vec![false; n],
+                pending: Vec::new(),
+                last_used: vec![0; n],
+                coact: vec![0; n * n],
+                expert_mem: 0,
+                dedicated_slot: None,
+                cache_slot: vec![u32::MAX; n],
+            });
+            if layer.n() != n {
+                bail!(
+                    "layer {}: expert tensors disagree on the expert count",
+                    t.layer
+                );
+            }
+            // SAFETY: `start` lies inside the arena (`arena_layout`'s accounting).
+            let base = unsafe { arena.base().add(start) };
+            let expert_bytes = t.size / n;
+            layer.expert_mem += slot_len_for(0, expert_bytes) as u64;
+            let (dev_off, dev_pad) = match staged {
+                Some(dev) => {
+                    let off = layer.tensors.last().map_or(0, |d: &ExpertTensor| {
+                        align_dev(dev, d.dev_off + d.expert_bytes * n + d.dev_pad)
+                    });
+                    // SAFETY: a tensor of the live model (the engine's contract).
+                    (
+                        off,
+                        unsafe { dev.alloc_size(t.tensor) }.saturating_sub(t.size),
+                    )
+                }
+                None => (0, 0),
+            };
+            let piece_off = layer.tensors.last().map_or(0, |d: &ExpertTensor| {
+                d.piece_off + slot_len_for(0, d.expert_bytes) + ALIGN
+            });
+            layer.tensors.push(ExpertTensor {
+                file_offset: t.file_offset,
+                expert_bytes,
+                base,
+                tensor: t.tensor,
+                dev_off,
+                dev_pad,
+                piece_off,
+            });
+            if staged.is_none() {
+                // SAFETY: a tensor of the live model; its experts now live in
+                // the arena (only loaded ones are valid).
+                unsafe { (*t.tensor).data = base.cast() };
+            }
+            max_n = max_n.max(n);
+        }
+        for l in layers.iter_mut().flatten() {
+            l.pending = vec![None; l.n() * l.tensors.len()];
+        }
+        Ok(ExpertCache {
+            layers,
+            lookahead,
+            budget,
+            max_n,
+            selected: Vec::with_capacity(max_n),
+            dev_missing: Vec::with_capacity(max_n),
+            prev_ids: Vec::with_capacity(max_n),
+            scores: Vec::with_capacity(max_n),
+            tickets: Vec::with_capacity(max_n * 4 + 16),
+            arena: Some(arena),
+            ..ExpertCache::none()
+        })
+    }
+
+    pub fn max_n(&self) -> usize {
+        self.max_n
+    }
+
+    /// The arena (the direct GPU tier wraps it).
+    pub fn arena(&self) -> Option<&Mapping> {
+        self.arena.as_ref()
+    }
+
+    /// Whether `layer` streams experts.
+    pub fn has_layer(&self, layer: usize) -> bool {
+        layer < self.layers.len() && self.layers[layer].is_some()
+    }
+
+    /// Experts of `layer`.
+    pub fn n_experts(&self, layer: usize) -> Result<usize> {
+        Ok(self.layers[layer].as_ref().context("expert layer")?.n())
+    }
+
+    /// A new pass (decode/ubatch) has started: no previous layer to learn from.
+    pub fn new_pass(&mut self) {
+        self.prev_layer = usize::MAX;
+    }
+
+    /// Starts collecting a layer's router picks.
+    pub fn clear_selection(&mut self) {
+        self.selected.clear();
+    }
+
+    /// Adds the router's pick `id` of `layer` (of `n_exp` experts); picks
+    /// repeat across tokens of a batch and count once.
+    pub fn select(&mut self, layer: usize, id: i32, n_exp: usize) -> Result<()> {
+        if id < 0 || id as usize >= n_exp {
+            bail!("layer {layer}: router picked expert {id} of {n_exp}");
+        }
+        if !self.selected.contains(&id) && self.selected.len() < n_exp {
+            self.selected.push(id);
+        }
+        Ok(())
+    }
+
+    /// Staged GPU tier: the RAM cache in pinned memory of `dev`'s backend,
+    /// cut into slots of the largest expert (all tensors' pieces), `budget`
+    /// bytes of them. Without pinned memory (or if it cannot be had) the
+    /// pageable arena stays the cache.
+    pub fn use_pinned_cache(&mut self, dev: &Device, budget: u64, io: &mut dyn ReadBackend) {
+        let Some(hb) = dev.staging_buft() else { return };
+        let slot = self
+            .layers
+            .iter()
+            .flatten()
+            .filter_map(|l| {
+                l.tensors
+                    .last()
+                    .map(|t| t.piece_off + slot_len_for(0, t.expert_bytes) + ALIGN)
+            })
+            .max()
+            .unwrap_or(0);
+        let n_experts: usize = self.layers.iter().flatten().map(|l| l.n()).sum();
+        let n = ((budget as usize) / slot.max(1))
+            .min(n_experts)
+            .min(u32::MAX as usize);
+        if slot == 0 || n == 0 {
+            return;
+        }
+        // SAFETY: a buffer type of a registered device (its own or its host one).
+        match unsafe { Buffer::alloc(hb, n * slot + ALIGN, "pinned expert cache") } {
+            Ok(buf) => {
+                let base = buf.aligned_base(ALIGN);
+                let _ = io.register_buffers(&[(base, n * slot)]);
+                for l in self.layers.iter_mut().flatten() {
+                    // Accounting in cache slots: the budget is n slots.
+                    l.expert_mem = slot as u64;
+                }
+                self.budget = (n * slot) as u64;
+                self.cache_slot_bytes = slot;
+                self.cache_free = (0..n as u32).rev().collect();
+                self.cache = Some(buf);
+            }
+            Err(e) => tracing::warn!(
+                "no pinned expert cache ({e:#}): copies to the GPU from pageable memory"
+            ),
+        }
+    }
+
+    /// Where the bytes of expert `e`, tensor `j` of `layer` are in RAM.
+    pub fn expert_addr(&self, layer: usize, e: usize, j: usize) -> *mut u8 {
+        let l = self.layers[layer].as_ref().expect("expert layer");
+        let t = &l.tensors[j];
+        match &self.cache {
+            Some(c) => {
+                let slot = l.cache_slot[e] as usize;
+                debug_assert!(slot != u32::MAX as usize);
+                let base = c.aligned_base(ALIGN);
+                let off = t.file_offset + (e * t.expert_bytes) as u64;
+                base.wrapping_add(slot * self.cache_slot_bytes + t.piece_off + slot_offset_for(off))
+            }
+            None => t.base.wrapping_add(e * t.expert_bytes),
+        }
+    }
+
+    /// Loads the selected experts of `layer` (see [`select`](Self::select))
+    /// that are not in memory, learns which experts follow which, and reads
+    /// ahead the next layer's likely experts (lookahead ≥ 1); `k` is the
+    /// router's picks per token. Staged GPU tier: only the picks missing from
+    /// the layer's device slot are loaded, then copied there.
+    pub fn load_selected(
+        &mut self,
+        layer: usize,
+        k: usize,
+        io: &mut dyn ReadBackend,
+        m: &mut StreamMetrics,
+        mut gpu: Option<&mut GpuPool>,
+    ) -> Result<()> {
+        let n_exp = self.n_experts(layer)?;
+        let pass = m.passes;
+        self.learn_coactivation(layer);
+
+        // Staged GPU tier: experts already in this layer's device slot need
+        // nothing; the host part below works on the missing ones only.
+        let dev_slot = match gpu.as_deref_mut() {
+            Some(g) if g.staged() => {
+                let el = self.layers[layer].as_ref().context("expert layer")?;
+                Some(g.expert_slot_for(layer, el)?)
+            }
+            _ => None,
+        };
+        if let Some(slot) = dev_slot {
+            let g = gpu.as_deref().context("device pool")?;
+            self.dev_missing.clear();
+            for &id in &self.selected {
+                if g.slot_valid[slot][id as usize] {
+                    m.gpu_hits += 1;
+                } else {
+                    self.dev_missing.push(id);
+                }
+            }
+            std::mem::swap(&mut self.selected, &mut self.dev_missing);
+        }
+
+        // Mark this pass's picks in use (eviction spares them), count hits.
+        let el = self.layers[layer].as_mut().context("expert layer")?;
+        let mut need = 0u64;
+        for &id in &self.selected {
+            let e = id as usize;
+            el.last_used[e] = pass;
+            match (el.state[e], el.speculative[e]) {
+                (ExpertState::Empty, _) => need += el.expert_mem,
+                (_, true) => {
+                    m.expert_prefetch_used += 1;
+                    self.spec_recent.0 += 1;
+                }
+                (ExpertState::Loaded, false) => m.expert_hits += 1,
+                (ExpertState::Loading, false) => {}
+            }
+        }
+        for e in 0..el.n() {
+            if el.speculative[e] && el.last_used[e] != pass {
+                m.expert_prefetch_wasted += 1;
+                self.spec_recent.1 += 1;
+            }
+            el.speculative[e] = false;
+        }
+        self.evict_until(need, layer, pass);
+
+        self.tickets.clear();
+        for i in 0..self.selected.len() {
+            let e = self.selected[i] as usize;
+            let state = self.layers[layer]
+                .as_ref()
+                .map_or(ExpertState::Loaded, |l| l.state[e]);
+            match state {
+                ExpertState::Empty => {
+                    m.expert_misses += 1;
+                    self.submit_expert(layer, e, io, m)?;
+                    self.collect_pending(layer, e);
+                }
+                ExpertState::Loading => self.collect_pending(layer, e),
+                ExpertState::Loaded => {}
+            }
+        }
+        // Read-aheads the router did not pick finish too (they become cache):
+        // no read of this layer stays in flight past its top-k.
+        for e in 0..n_exp {
+            if self.layers[layer]
+                .as_ref()
+                .is_some_and(|l| l.state[e] == ExpertState::Loading)
+            {
+                self.collect_pending(layer, e);
+            }
+        }
+        let t0 = Instant::now();
+        for &tk in &self.tickets {
+            io.wait(tk)
+                .with_context(|| format!("layer {layer}: expert read failed"))?;
+        }
+        let waited = t0.elapsed().as_nanos() as u64;
+        m.stall_ns += waited;
+        m.io_busy_ns += waited;
+        if let Some(el) = self.layers[layer].as_mut() {
+            for st in el.state.iter_mut().filter(|s| **s == ExpertState::Loading) {
+                *st = ExpertState::Loaded;
+            }
+            debug_assert!(el.pending.iter().all(Option::is_none));
+        }
+        if let Some(slot) = dev_slot {
+            self.upload_experts(layer, slot, gpu.as_deref_mut().context("device pool")?, m)?;
+            std::mem::swap(&mut self.selected, &mut self.dev_missing);
+        }
+        self.prev_ids.clear();
+        self.prev_ids.extend_from_slice(&self.selected);
+        self.prev_layer = layer;
+        if self.lookahead > 0 {
+            self.speculate(layer + 1, k, io, m)?;
+        }
+        Ok(())
+    }
+
+    /// Staged GPU tier: copies the selected experts (loaded in the RAM cache)
+    /// into `layer`'s device slot.
+    fn upload_experts(
+        &self,
+        layer: usize,
+        slot: usize,
+        g: &mut GpuPool,
+        m: &mut StreamMetrics,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let el = self.layers[layer].as_ref().context("expert layer")?;
+        for &id in &self.selected {
+            let e = id as usize;
+            debug_assert_eq!(el.state[e], ExpertState::Loaded);
+            for (j, t) in el.tensors.iter().enumerate() {
+                let dst = slot * g.dev_slot_bytes + t.dev_off + e * t.expert_bytes;
+                // SAFETY: the expert's reads completed (Loaded): its bytes in the
+                // RAM cache are valid for `expert_bytes`; the device range is
+                // this layer's slot, which nothing computes on during the callback.
+                unsafe {
+                    g.buf
+                        .upload(dst, self.expert_addr(layer, e, j), t.expert_bytes)
+                };
+                m.upload_bytes += t.expert_bytes as u64;
+            }
+        }
+        for &id in &self.selected {
+            g.slot_valid[slot][id as usize] = true;
+        }
+        m.stall_ns += t0.elapsed().as_nanos() as u64;
+        Ok(())
+    }
+
+    /// Moves expert `e`'s in-flight tickets into the wait list.
+    fn collect_pending(&mut self, layer: usize, e: usize) {
+        let Some(el) = self.layers[layer].as_mut() else {
+            return;
+        };
+        let nt = el.tensors.len();
+        for slot in &mut el.pending[e * nt..(e + 1) * nt] {
+            if let Some(tk) = slot.take() {
+                self.tickets.push(tk);
+            }
+        }
+    }
+
+    /// Submits the reads of expert `e` of `layer` (all its tensors).
+    fn submit_expert(
+        &mut self,
+        layer: usize,
+        e: usize,
+        io: &mut dyn ReadBackend,
+        m: &mut StreamMetrics,
+    ) -> Result<()> {
+        if self.cache.is_some() {
+            let slot = self
+                .cache_free
+                .pop()
+                .with_context(|| format!("layer {layer}: the expert cache has no free slot"))?;
+            self.layers[layer]
+                .as_mut()
+                .context("expert layer")?
+                .cache_slot[e] = slot;
+        }
+        let nt = self.layers[layer]
+            .as_ref()
+            .context("expert layer")?
+            .tensors
+            .len();
+        for j in 0..nt {
+            let addr = self.expert_addr(layer, e, j);
+            let el = self.layers[layer].as_mut().context("expert layer")?;
+            let t = &el.tensors[j];
+            let off = t.file_offset + (e * t.expert_bytes) as u64;
+            // SAFETY: `addr` is the expert's place in the arena (memory ≡ file
+            // offset mod 4096) or in its pinned cache slot (piece start +
+            // offset mod 4096): the aligned superset starts at the aligned-down
+            // address, inside the same range.
+            let dst = unsafe { addr.sub(slot_offset_for(off)) };
+            let cap = slot_len_for(off, t.expert_bytes);
+            let req = ReadRequest {
+                file: FileId(0),
+                file_offset: off,
+                len: t.expert_bytes,
+                dst,
+                dst_cap: cap,
+            };
+            // SAFETY: the range lies in the arena or the expert's cache slot,
+            // valid while the engine lives (the reader is dropped before the
+            // memory). It belongs to this expert: in the arena, the boundary
+            // pages it shares with a neighbour expert of the same tensor get
+            // the neighbour's file bytes rewritten identically, and nothing
+            // computes on this tensor before this layer's top-k has waited for
+            // every read of the layer.
+            let tk = unsafe { io.submit(req) }
+                .with_context(|| format!("layer {layer}: cannot submit expert read"))?;
+            el.pending[e * nt + j] = Some(tk);
+            m.bytes_read += cap as u64;
+            m.reads += 1;
+        }
+        let el = self.layers[layer].as_mut().context("expert layer")?;
+        el.state[e] = ExpertState::Loading;
+        self.resident += el.expert_mem;
+        Ok(())
+    }
+
+    /// Counts which experts of `layer` followed the previous layer's picks.
+    fn learn_coactivation(&mut self, layer: usize) {
+        if self.prev_layer == usize::MAX || self.prev_layer + 1 != layer {
+            return;
+        }
+        let Some(el) = self.layers[layer].as_mut() else {
+            return;
+        };
+        let n = el.n();
+        for &p in &self.prev_ids {
+            let p = p as usize;
+            if p >= n {
+                continue;
+            }
+            for &e in &self.selected {
+                let c = &mut el.coact[p * n + e as usize];
+                *c = c.saturating_add(1);
+            }
+        }
+    }
+
+    /// Reads ahead the `k` experts of `layer` that most often followed the
+    /// current picks, if the budget has room without evicting anything in use.
+    fn speculate(
+        &mut self,
+        layer: usize,
+        k: usize,
+        io: &mut dyn ReadBackend,
+        m: &mut StreamMetrics,
+    ) -> Result<()> {
+        // Read ahead only while it pays: at least half of recent read-aheads
+        // used. When it does not, one pass in 32 still probes with one expert,
+        // so a model whose routing becomes predictable gets read-ahead back.
+        let (used, wasted) = self.spec_recent;
+        if used + wasted > 256 {
+            self.spec_recent = (used / 2, wasted / 2);
+        }
+        let total = used + wasted;
+        let paying = total < 32 || used * 2 >= total;
+        if !paying && !m.passes.is_multiple_of(32) {
+            return Ok(());
+        }
+        // While it is not paying, a probe reads one expert, not k.
+        let k = if paying { k } else { 1 };
+        let Some(el) = self.layers.get(layer).and_then(Option::as_ref) else {
+            return Ok(());
+        };
+        let n = el.n();
+        self.scores.clear();
+        for e in 0..n {
+            if el.state[e] != ExpertState::Empty {
+                continue;
+            }
+            let score: u32 = self
+                .prev_ids
+                .iter()
+                .filter(|&&p| (p as usize) < n)
+                .map(|&p| el.coact[p as usize * n + e])
+                .sum();
+            if score > 0 {
+                self.scores.push((score, e));
+            }
+        }
+        self.scores
+            .sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mem = el.expert_mem;
+        let take = k.min(self.scores.len());
+        let pass = m.passes;
+        for i in 0..take {
+            let e = self.scores[i].1;
+            self.evict_until(mem, self.prev_layer, pass);
+            if self.resident + mem > self.budget {
+                break;
+            }
+            self.submit_expert(layer, e, io, m)?;
+            if let Some(el) = self.layers[layer].as_mut() {
+                el.speculative[e] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts least-recently-used loaded experts (never those `keep_layer`
+    /// selected in this pass, never reads in flight) until `need` more bytes
+    /// fit in the budget.
+    fn evict_until(&mut self, need: u64, keep_layer: usize, pass: u64) {
+        while self.resident + need > self.budget {
+            let mut best: Option<(usize, usize, u64)> = None;
+            for (li, l) in self.layers.iter().enumerate() {
+                let Some(l) = l else { continue };
+                for e in 0..l.n() {
+                    if l.state[e] != ExpertState::Loaded
+                        || (li == keep_layer && l.last_used[e] == pass)
+                    {
+                        continue;
+                    }
+                    if best.is_none_or(|(_, _, u)| l.last_used[e] < u) {
+                        best = Some((li, e, l.last_used[e]));
+                    }
+                }
+            }
+            let Some((li, e, _)) = best else { break };
+            self.evict_expert(li, e);
+        }
+    }
+
+    fn evict_expert(&mut self, layer: usize, e: usize) {
+        let Some(l) = self.layers[layer].as_mut() else {
+            return;
+        };
+        if self.cache.is_some() {
+            // The pinned cache keeps its memory: the slot is free for another.
+            debug_assert!(l.cache_slot[e] != u32::MAX);
+            self.cache_free.push(l.cache_slot[e]);
+            l.cache_slot[e] = u32::MAX;
+        }
+        for t in l.tensors.iter().filter(|_| self.cache.is_none()) {
+            // Give back the pages wholly inside this expert's bytes; boundary
+            // pages shared with a neighbour stay.
+            let start = t.base as usize + e * t.expert_bytes;
+            let end = start + t.expert_bytes;
+            let a = start.next_multiple_of(ALIGN);
+            let b = end & !(ALIGN - 1);
+            if b > a {
+                // SAFETY: [a, b) lies inside the arena and inside this expert's
+                // bytes, which nothing computes on (eviction runs in the eval
+                // callback, between computes, and the expert is reloaded before
+                // a later selection uses it) and no read targets (state Loaded,
+                // not Loading). Zero pages replace it.
+                unsafe {
+                    libc::madvise(a as *mut c_void, b - a, libc::MADV_DONTNEED);
+                }
+            }
+        }
+        l.state[e] = ExpertState::Empty;
+        l.speculative[e] = false;
+        self.resident = self.resident.saturating_sub(l.expert_mem);
+    }
+}
