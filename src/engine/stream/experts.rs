@@ -427,7 +427,7 @@ impl ExpertCache {
             debug_assert!(el.pending.iter().all(Option::is_none));
         }
         if let Some(slot) = dev_slot {
-            self.upload_experts(layer, slot, gpu.as_deref_mut().context("device pool")?, m)?;
+            self.upload_experts(layer, slot, gpu.context("device pool")?, m)?;
             std::mem::swap(&mut self.selected, &mut self.dev_missing);
         }
         self.prev_ids.clear();

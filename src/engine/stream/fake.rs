@@ -167,7 +167,7 @@ impl ReadBackend for FakeReader {
         if req.file != FileId(0) {
             return Err(IoError::InvalidRequest("unknown file"));
         }
-        if req.dst as usize % ALIGN != 0 {
+        if !(req.dst as usize).is_multiple_of(ALIGN) {
             return Err(IoError::InvalidRequest("destination not 4096-aligned"));
         }
         if req.dst_cap < slot_len_for(req.file_offset, req.len) {

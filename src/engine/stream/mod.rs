@@ -29,7 +29,8 @@
 //!   a GPU, attention and FFN may sit in different splits).
 //!
 //! Everything the hot path needs is allocated in [`Streamer::new`]; the
-//! callback itself never allocates.
+//! callback itself allocates only for an error, and once when router ids of a
+//! larger batch than before come back from a device.
 
 //!
 //! # Modules
@@ -225,8 +226,9 @@ impl Streamer {
     /// The engine, shared.
     fn engine(&self) -> &Engine {
         // SAFETY: the engine is mutated only by the eval callback, which never
-        // runs while a method of the Streamer does (`hook`'s contract), and no
-        // reference into it outlives the method that made it.
+        // runs while a method of the Streamer does (`hook`'s contract), and by
+        // `&mut self` methods, which exclude this one; no reference into it
+        // outlives the method that made it.
         unsafe { &*self.shared().engine.get() }
     }
 
