@@ -36,12 +36,12 @@ pub(super) unsafe extern "C" fn eval_callback(
 ) -> bool {
     // SAFETY: `user` is the pointer `Streamer::callback` handed out: the
     // Streamer's `Shared`, alive while a context that calls this exists
-    // (`hook`'s contract). ggml calls this from the thread that runs the
-    // decode, one call at a time, and by the same contract never while a
-    // method of the Streamer runs: this is the only live reference to the
-    // engine. `Shared` keeps the engine in an UnsafeCell, so the `&Shared`
-    // the abort callback may hold meanwhile does not conflict with it.
+    // (`hook`'s contract).
     let shared = unsafe { &*(user as *const Shared) };
+    // SAFETY: ggml calls this on the decoding thread, one call at a time, and
+    // never while a method of the Streamer runs (`hook`'s contract): this is
+    // the only reference to the engine. It is in an UnsafeCell, which the
+    // `&Shared` of the abort callback does not cover.
     let engine = unsafe { &mut *shared.engine.get() };
     if engine.error.is_some() {
         // After an I/O error: no more cuts; the abort callback stops compute.

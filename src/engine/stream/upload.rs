@@ -212,14 +212,11 @@ impl GpuPool {
                     let (layer, slot) = (layer as usize, slot as usize);
                     for &(src, dst, len, pad) in &table[layer] {
                         let src = region + src;
-                        // SAFETY: the layer's reads completed before the job was sent
-                        // and its host bytes are not written again before its `done`
-                        // is received (a staging slot is given back only then; a RAM
-                        // tier copy is read once). The device slot is this layer's:
-                        // the previous user released it after its compute had
-                        // finished (ggml synchronises before ask=false). `dbuf` is
-                        // alive (an Arc) and the host memory outlives this thread
-                        // (the pool joins it on drop, before the engine's memory goes).
+                        // SAFETY: the layer's reads completed before the job was sent,
+                        // its host bytes stay unwritten until its `done` is received;
+                        // the device slot is this layer's (its previous layer finished
+                        // computing before its release); `dbuf` and the host memory
+                        // outlive this thread (joined on drop, before the memory goes).
                         unsafe { dbuf.upload(slot * dev_slot + dst, src as *const u8, len) };
                         dbuf.fill(slot * dev_slot + dst + len, 0, pad);
                     }

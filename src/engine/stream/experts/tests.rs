@@ -1,0 +1,282 @@
+//! The expert cache and the predictor on a fake reader: LRU against a
+//! reference, co-activation read-ahead, probes, router ids.
+
+use std::collections::BTreeMap;
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::engine::stream::fake::{bytes_at, Complete, FakeModel, FakeReader};
+
+const N: usize = 8;
+/// Bytes per expert of each of a layer's three tensors.
+const EXPERT: [usize; 3] = [5000, 3000, 4096 + 64];
+
+fn model(n_layer: usize) -> FakeModel {
+    let layers: Vec<&[usize]> = (0..n_layer).map(|_| &EXPERT[..]).collect();
+    FakeModel::new(&layers, N)
+}
+
+/// What one expert takes in the arena accounting.
+fn expert_mem() -> u64 {
+    EXPERT.iter().map(|&b| slot_len_for(0, b) as u64).sum()
+}
+
+fn cache(m: &FakeModel, lookahead: usize, experts: u64) -> ExpertCache {
+    ExpertCache::new(&m.specs, m.n_layer, lookahead, experts * expert_mem(), None).unwrap()
+}
+
+fn next_pass(c: &mut ExpertCache, metrics: &mut StreamMetrics) {
+    metrics.passes += 1;
+    c.new_pass();
+}
+
+/// The router picked `ids` (k per token) in `layer`: load them and check
+/// that each picked expert's bytes are the file's.
+fn pick(
+    m: &FakeModel,
+    c: &mut ExpertCache,
+    io: &mut FakeReader,
+    metrics: &mut StreamMetrics,
+    layer: usize,
+    k: usize,
+    ids: &[i32],
+) {
+    c.clear_selection();
+    for &id in ids {
+        c.select(layer, id, N).unwrap();
+    }
+    c.load_selected(layer, k, io, metrics, None).unwrap();
+    let l = c.layers[layer].as_ref().unwrap();
+    for &id in ids {
+        let e = id as usize;
+        assert_eq!(l.state[e], ExpertState::Loaded);
+        for (j, t) in l.tensors.iter().enumerate() {
+            let off = e * t.expert_bytes;
+            assert_eq!(c.expert_addr(layer, e, j), t.base.wrapping_add(off));
+            // SAFETY: the tensor points at the arena; expert e is loaded.
+            let got = unsafe { bytes_at(t.tensor, off, t.expert_bytes) };
+            let want = m.bytes(t.file_offset + off as u64, t.expert_bytes);
+            assert!(got == want, "layer {layer} expert {e} tensor {j}");
+        }
+    }
+}
+
+/// Layers and experts of the submissions logged since `*seen`.
+fn new_reads(m: &FakeModel, io: &FakeReader, seen: &mut usize) -> Vec<(usize, usize)> {
+    let log = FakeReader::submitted(&io.log);
+    let mut got: Vec<(usize, usize)> = log[*seen..]
+        .iter()
+        .map(|&(off, _)| {
+            let t = m.spec_at(off);
+            let e = (off - t.file_offset) as usize / (t.size / t.n_experts);
+            (t.layer, e)
+        })
+        .collect();
+    got.dedup();
+    *seen = log.len();
+    got
+}
+
+/// A plain LRU over (layer, expert) with the engine's rules: a layer's
+/// picks of this pass are never evicted; ties go to the lowest layer, then
+/// expert.
+struct RefLru {
+    cap: usize,
+    resident: BTreeMap<(usize, usize), u64>,
+    hits: u64,
+    misses: u64,
+}
+
+impl RefLru {
+    fn select(&mut self, layer: usize, picks: &[usize], pass: u64) {
+        let missing: Vec<usize> = picks
+            .iter()
+            .copied()
+            .filter(|&e| !self.resident.contains_key(&(layer, e)))
+            .collect();
+        for &e in picks {
+            if let Some(u) = self.resident.get_mut(&(layer, e)) {
+                *u = pass;
+                self.hits += 1;
+            }
+        }
+        while self.resident.len() + missing.len() > self.cap {
+            let victim = self
+                .resident
+                .iter()
+                .filter(|(&(l, e), _)| !(l == layer && picks.contains(&e)))
+                .min_by_key(|(&(l, e), &u)| (u, l, e))
+                .map(|(&k, _)| k);
+            let Some(v) = victim else { break };
+            self.resident.remove(&v);
+        }
+        for e in missing {
+            self.resident.insert((layer, e), pass);
+            self.misses += 1;
+        }
+    }
+}
+
+#[test]
+fn hits_misses_and_evictions_follow_a_reference_lru() {
+    // (capacity in experts, layers): with one layer and room for 3, a
+    // layer's 4 picks overflow the cache and must all stay.
+    for (cap, n_layer, complete) in [
+        (5, 3, Complete::AtSubmit),
+        (3, 3, Complete::Reversed),
+        (12, 3, Complete::WhenCollected { polls: 0 }),
+        (3, 1, Complete::AtSubmit),
+    ] {
+        let m = model(n_layer);
+        let mut io = m.reader(complete);
+        // Lookahead 0: no read-ahead, the cache alone.
+        let mut c = cache(&m, 0, cap as u64);
+        let mut metrics = StreamMetrics::default();
+        let mut lru = RefLru {
+            cap,
+            resident: BTreeMap::new(),
+            hits: 0,
+            misses: 0,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cap as u64);
+        for _ in 0..150 {
+            next_pass(&mut c, &mut metrics);
+            for layer in 0..n_layer {
+                // One or two tokens of k = 2, skewed towards low experts.
+                let n_tok = rng.gen_range(1..=2);
+                let ids: Vec<i32> = (0..2 * n_tok)
+                    .map(|_| rng.gen_range(0..N).min(rng.gen_range(0..N)) as i32)
+                    .collect();
+                pick(&m, &mut c, &mut io, &mut metrics, layer, 2, &ids);
+                let mut picks: Vec<usize> = Vec::new();
+                for &id in &ids {
+                    if !picks.contains(&(id as usize)) {
+                        picks.push(id as usize);
+                    }
+                }
+                lru.select(layer, &picks, metrics.passes);
+                assert_eq!(
+                    (metrics.expert_hits, metrics.expert_misses),
+                    (lru.hits, lru.misses),
+                    "cap {cap}, pass {}",
+                    metrics.passes
+                );
+                let loaded: Vec<(usize, usize)> = (0..n_layer)
+                    .flat_map(|l| (0..N).map(move |e| (l, e)))
+                    .filter(|&(l, e)| c.layers[l].as_ref().unwrap().state[e] == ExpertState::Loaded)
+                    .collect();
+                let want: Vec<(usize, usize)> = lru.resident.keys().copied().collect();
+                assert_eq!(loaded, want, "cap {cap}, pass {}", metrics.passes);
+                assert_eq!(c.resident, want.len() as u64 * expert_mem());
+                assert_eq!(io.outstanding(), 0, "no read stays in flight");
+            }
+        }
+        // Room for 3 < 3 layers' picks: each layer evicts the others, no hits.
+        let no_hits = cap == 3 && n_layer == 3;
+        assert!(lru.misses > 0 && (no_hits || lru.hits > 0), "cap {cap}");
+        assert_eq!(
+            metrics.expert_prefetch_used + metrics.expert_prefetch_wasted,
+            0
+        );
+    }
+}
+
+#[test]
+fn the_predictor_reads_ahead_what_followed_before() {
+    let m = model(2);
+    let mut io = m.reader(Complete::WhenCollected { polls: 0 });
+    let mut c = cache(&m, 1, 16);
+    let mut metrics = StreamMetrics::default();
+    let mut seen = 0;
+    // Pass 1: layer 1's expert 6 follows layer 0's expert 1. Nothing is
+    // known yet: no read-ahead.
+    next_pass(&mut c, &mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, 1, &[1]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![(0, 1)]);
+    pick(&m, &mut c, &mut io, &mut metrics, 1, 1, &[6]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 6)]);
+    assert_eq!(c.layers[1].as_ref().unwrap().coact[N + 6], 1);
+
+    // Pass 2, layer 1's expert 6 evicted meanwhile: after layer 0 picks 1
+    // again, expert 6 is read ahead while layer 0 computes.
+    c.evict_expert(1, 6);
+    next_pass(&mut c, &mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, 1, &[1]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 6)]);
+    assert_eq!(c.layers[1].as_ref().unwrap().state[6], ExpertState::Loading);
+    assert_eq!(io.outstanding(), EXPERT.len());
+    pick(&m, &mut c, &mut io, &mut metrics, 1, 1, &[6]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![]);
+    assert_eq!(metrics.expert_prefetch_used, 1);
+
+    // Pass 3: the read-ahead guesses 6 again, the router picks 3.
+    c.evict_expert(1, 6);
+    next_pass(&mut c, &mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, 1, &[1]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 6)]);
+    pick(&m, &mut c, &mut io, &mut metrics, 1, 1, &[3]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 3)]);
+    assert_eq!(metrics.expert_prefetch_wasted, 1);
+    // The unused read-ahead was collected with the layer and stays cached.
+    assert_eq!(io.outstanding(), 0);
+    assert_eq!(c.layers[1].as_ref().unwrap().state[6], ExpertState::Loaded);
+    assert_eq!(c.layers[1].as_ref().unwrap().coact[N + 3], 1);
+    // Layer 0's 1 was a hit twice; misses: 1, 6, 3.
+    assert_eq!((metrics.expert_hits, metrics.expert_misses), (2, 3));
+}
+
+#[test]
+fn read_ahead_that_does_not_pay_becomes_a_rare_probe() {
+    let m = model(2);
+    let mut io = m.reader(Complete::AtSubmit);
+    let mut c = cache(&m, 1, 16);
+    let mut metrics = StreamMetrics::default();
+    // Layer 0 picks {0}; layer 1 picked {1, 2} after it once.
+    next_pass(&mut c, &mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, 2, &[0]);
+    pick(&m, &mut c, &mut io, &mut metrics, 1, 2, &[1, 2]);
+    let mut seen = FakeReader::submitted(&io.log).len();
+    // Recent read-ahead mostly wasted.
+    c.spec_recent = (10, 90);
+    for pass in 2..=64u64 {
+        c.evict_expert(1, 1);
+        c.evict_expert(1, 2);
+        next_pass(&mut c, &mut metrics);
+        assert_eq!(metrics.passes, pass);
+        pick(&m, &mut c, &mut io, &mut metrics, 0, 2, &[0]);
+        let reads = new_reads(&m, &io, &mut seen);
+        if pass % 32 == 0 {
+            // A probe: one expert, the likeliest (ties: the lowest).
+            assert_eq!(reads, vec![(1, 1)], "pass {pass}");
+        } else {
+            assert_eq!(reads, vec![], "pass {pass}");
+        }
+        // Layer 1 takes its picks (collecting any read-ahead).
+        pick(&m, &mut c, &mut io, &mut metrics, 1, 2, &[1, 2]);
+        new_reads(&m, &io, &mut seen);
+        c.spec_recent = (10, 90);
+    }
+    // Paying again: k experts are read ahead.
+    c.spec_recent = (60, 40);
+    c.evict_expert(1, 1);
+    c.evict_expert(1, 2);
+    next_pass(&mut c, &mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, 2, &[0]);
+    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 1), (1, 2)]);
+}
+
+#[test]
+fn router_ids_are_checked_and_deduplicated() {
+    let m = model(1);
+    let mut c = cache(&m, 0, 4);
+    c.clear_selection();
+    for id in [3, 5, 3, 5, 0] {
+        c.select(0, id, N).unwrap();
+    }
+    assert_eq!(c.selected, vec![3, 5, 0]);
+    let e = c.select(0, N as i32, N).unwrap_err();
+    assert_eq!(format!("{e}"), "layer 0: router picked expert 8 of 8");
+    assert!(c.select(0, -1, N).is_err());
+    assert!(c.has_layer(0) && !c.has_layer(1));
+}
