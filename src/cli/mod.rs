@@ -61,12 +61,15 @@ pub fn main() -> ExitCode {
         Command::Gen(a) => gen::run(a),
         Command::Bench(a) => bench::run(a),
     };
+    // A run stopped by Ctrl-C / SIGTERM exits with 128 + the signal, after
+    // its partial output and statistics.
+    let interrupted = crate::engine::interrupt::exit_code().map(ExitCode::from);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => interrupted.unwrap_or(ExitCode::SUCCESS),
         Err(e) => {
             // `{:#}` prints the whole context chain on one line, never a backtrace.
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            interrupted.unwrap_or(ExitCode::FAILURE)
         }
     }
 }

@@ -196,6 +196,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let sampling = args.sampling.params()?;
+    crate::engine::interrupt::install_handlers()?;
     let mut session = load_with_progress(&args.model, &args.session_options())?;
     let mut logits_out = match &args.logits_out {
         Some(p) => Some(LogitsWriter::create(p, session.model().n_vocab())?),
@@ -302,6 +303,9 @@ fn chat(
         total.add(&g.stats);
         metrics = add_metrics(metrics, g.gen_metrics);
         messages.push(ChatMessage::new("assistant", &g.text));
+        if crate::engine::interrupt::requested() {
+            break;
+        }
     }
     Ok((total, metrics))
 }

@@ -11,6 +11,7 @@
 //!   typical, temperature, seed, GBNF grammar) and the greedy argmax.
 //! - [`chat`]: chat templates (the model's Jinja one, or llama.cpp's built-ins).
 //! - [`stop`]: stop strings over streamed text.
+//! - [`interrupt`]: Ctrl-C / SIGTERM as a stop request the engine honours.
 //! - [`placement`]: this machine's facts (profile, free memory, GPU) for the plan.
 //! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
@@ -22,6 +23,7 @@ pub mod chat;
 pub mod context;
 pub mod device;
 pub mod generate;
+pub mod interrupt;
 pub mod logits;
 pub mod model;
 pub mod placement;

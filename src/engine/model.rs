@@ -77,7 +77,8 @@ unsafe extern "C" fn progress_trampoline(p: f32, user: *mut c_void) -> bool {
     // alive for the whole llama_model_load_from_file call.
     let f = unsafe { &mut *(user as *mut &mut dyn FnMut(f32)) };
     f(p);
-    true
+    // A Ctrl-C during the load stops it (llama.cpp returns no model).
+    !super::interrupt::requested()
 }
 
 impl Model {
@@ -116,11 +117,14 @@ impl Model {
         } else {
             params.tensor_buft_overrides = overrides.as_ptr();
         }
-        let mut progress_ref: Option<&mut dyn FnMut(f32)> = opts.progress.take();
-        if let Some(f) = progress_ref.as_mut() {
-            params.progress_callback = Some(progress_trampoline);
-            params.progress_callback_user_data = f as *mut &mut dyn FnMut(f32) as *mut c_void;
-        }
+        let mut no_progress = |_: f32| {};
+        let mut progress_ref: &mut dyn FnMut(f32) = match opts.progress.take() {
+            Some(f) => f,
+            None => &mut no_progress,
+        };
+        params.progress_callback = Some(progress_trampoline);
+        params.progress_callback_user_data =
+            &mut progress_ref as *mut &mut dyn FnMut(f32) as *mut c_void;
 
         backend::take_last_error();
         // SAFETY: `cpath`, `overrides` (and the patterns it points to) and the
@@ -128,6 +132,9 @@ impl Model {
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let _ = &mut progress_ref; // the closure must live until here
         let ptr = NonNull::new(raw).ok_or_else(|| {
+            if super::interrupt::requested() {
+                return anyhow!("{}: loading interrupted", path.display());
+            }
             let why = backend::take_last_error()
                 .unwrap_or_else(|| "unknown error (run with HYPURA_LOG=info)".into());
             anyhow!(

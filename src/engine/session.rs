@@ -219,10 +219,14 @@ impl Session {
             // SAFETY: the streamer is a field of the session declared after
             // the context, so it is dropped after it (module docs).
             unsafe { st.hook(&mut copts) };
-        } else if let Some(c) = opts.reference_cuts {
-            let (cb, user) = super::stream::cuts_callback(c);
-            // SAFETY: the cuts callback's user data is a `'static`.
-            unsafe { copts.set_callbacks(cb, None, user) };
+        } else {
+            let (cb, user) = match opts.reference_cuts {
+                Some(c) => super::stream::cuts_callback(c),
+                None => (None, std::ptr::null_mut()),
+            };
+            // SAFETY: the cuts callback's user data is a `'static`; the abort
+            // callback reads none.
+            unsafe { copts.set_callbacks(cb, Some(super::interrupt::abort_when_requested), user) };
         }
         let ctx = Context::new(Rc::clone(&model), copts)?;
         Ok(Session {
@@ -353,7 +357,9 @@ impl Session {
         let mut finish = Finish::Length;
         let t1 = Instant::now();
         for i in 0..max_tokens {
-            if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            if req.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+                || super::interrupt::requested()
+            {
                 finish = Finish::Cancelled;
                 break;
             }
@@ -384,7 +390,15 @@ impl Session {
             }
             if i + 1 < max_tokens {
                 let td = Instant::now();
-                self.decode(&[tok])?;
+                if let Err(e) = self.decode(&[tok]) {
+                    // A stop request aborts the compute: the generation ends
+                    // as cancelled, with what it produced so far.
+                    if !super::interrupt::requested() {
+                        return Err(e);
+                    }
+                    finish = Finish::Cancelled;
+                    break;
+                }
                 stats.gen_decode_secs += td.elapsed().as_secs_f64();
                 stats.gen_decodes += 1;
             }
@@ -462,6 +476,9 @@ impl Session {
             }
             (Err(e), None) => {
                 self.clear_cache();
+                if super::interrupt::requested() {
+                    bail!("interrupted");
+                }
                 Err(e)
             }
             (Ok(()), None) => {

@@ -64,7 +64,7 @@ pub unsafe extern "C" fn abort_callback(user: *mut c_void) -> bool {
     // (the engine inside is not touched, so a running eval callback is not
     // aliased).
     let shared = unsafe { &*(user as *const Shared) };
-    shared.failed.load(Ordering::Acquire)
+    shared.failed.load(Ordering::Acquire) || crate::engine::interrupt::requested()
 }
 
 impl Engine {
