@@ -13,3 +13,4 @@ pub mod io;
 pub mod profiler;
 pub mod report;
 pub mod scheduler;
+pub mod server;
