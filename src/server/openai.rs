@@ -187,17 +187,18 @@ fn settings(
             "tools are not supported by this server",
         ));
     }
-    let json =
-        match c.response_format.as_ref().map(|f| f.kind.as_str()) {
-            None | Some("text") => false,
-            Some("json_object") | Some("json_schema") => true,
-            Some(other) => return Err(ApiError::bad_request(
+    let json = match c.response_format.as_ref().map(|f| f.kind.as_str()) {
+        None | Some("text") => false,
+        Some("json_object") | Some("json_schema") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
                 API,
                 format!(
                     "response_format type must be text, json_object or json_schema (got {other:?})"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let ov = Overrides {
         temp: c.temperature,
         top_k: c.top_k,
@@ -424,26 +425,27 @@ async fn chat(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejectio
         }
         let mut messages = Vec::with_capacity(req.messages.len());
         for m in &req.messages {
-            let content =
-                match &m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t.clone(),
-                    Some(Content::Parts(parts)) => {
-                        let mut s = String::new();
-                        for p in parts {
-                            match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => s.push_str(t),
-                                (k, _) => return Err(ApiError::bad_request(
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => s.push_str(t),
+                            (k, _) => {
+                                return Err(ApiError::bad_request(
                                     API,
                                     format!(
                                         "content parts of type {k:?} are not supported (text only)"
                                     ),
-                                )),
+                                ))
                             }
                         }
-                        s
                     }
-                };
+                    s
+                }
+            };
             // OpenAI's "developer" role is the system prompt of newer models.
             let role = match m.role.as_str() {
                 "developer" => "system",

@@ -1,0 +1,440 @@
+//! `hypura serve` end to end: a spawned server on 127.0.0.1 (ephemeral
+//! port) on SmolLM2, resident and streaming (`--ram-budget 60M`), driven by a
+//! real HTTP client: both APIs, streaming and not, greedy text equal to
+//! `hypura run --temp 0`, stop strings, usage and KV reuse, every bad request
+//! with its status, a client disconnecting mid-stream, a full queue, a
+//! bounded load test, and the real `openai` and `ollama` Python clients.
+
+mod common;
+#[path = "common/server.rs"]
+mod server;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use server::{sse_data, Server};
+
+const PROMPT: &str = "The quick brown fox jumps over";
+const N: usize = 24;
+
+/// `hypura run --temp 0` on the same prompt and placement flags.
+fn run_text(model: &Path, extra: &[&str]) -> String {
+    let o = common::hypura()
+        .arg("run")
+        .arg(model)
+        .args([
+            "--prompt",
+            PROMPT,
+            "--temp",
+            "0",
+            "-n",
+            &N.to_string(),
+            "--threads",
+            "2",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8(o.stdout).unwrap();
+    s.strip_suffix('\n').unwrap_or(&s).to_string()
+}
+
+fn ndjson(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn metric(s: &Server, name: &str) -> f64 {
+    let (status, text) = s.get("/metrics");
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+fn check_info(s: &Server, stem: &str, streaming: bool) {
+    assert_eq!(s.get_json("/health")["status"], "ok");
+    let tags = s.get_json("/api/tags");
+    assert_eq!(tags["models"][0]["name"], stem);
+    assert_eq!(tags["models"][0]["details"]["format"], "gguf");
+    assert_eq!(tags["models"][0]["details"]["quantization_level"], "Q4_1");
+    let show = s.post_json("/api/show", &json!({ "model": "anything" }));
+    for k in ["model_info", "details", "template", "modelfile"] {
+        assert!(!show[k].is_null(), "/api/show lacks {k}: {show}");
+    }
+    assert_eq!(show["model_info"]["general.architecture"], "llama");
+    assert!(show["template"].as_str().unwrap().contains("im_start"));
+    assert!(show["modelfile"]
+        .as_str()
+        .unwrap()
+        .contains("Any model name is accepted"));
+    let mode = show["model_info"]["hypura.mode"].as_str().unwrap();
+    assert_eq!(mode != "resident", streaming, "mode {mode}");
+    assert_eq!(s.get_json("/api/ps")["models"][0]["name"], stem);
+    assert!(s.get_json("/api/version")["version"].is_string());
+    let models = s.get_json("/v1/models");
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], stem);
+    assert_eq!(s.get_json("/v1/models/other")["id"], "other");
+}
+
+/// Greedy text through every raw-prompt path equals `hypura run --temp 0`.
+fn check_greedy(s: &Server, want: &str) {
+    let opts = json!({ "temperature": 0, "num_predict": N });
+    let body =
+        json!({ "model": "m", "prompt": PROMPT, "raw": true, "stream": false, "options": opts });
+    let r = s.post_json("/api/generate", &body);
+    assert_eq!(r["response"], want, "ollama generate");
+    assert_eq!(r["done"], true);
+    assert_eq!(r["done_reason"], "length");
+    assert_eq!(r["eval_count"], N);
+    for k in [
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_duration",
+    ] {
+        assert!(r[k].is_u64(), "{k}: {r}");
+    }
+    assert!(!r["context"].as_array().unwrap().is_empty());
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let objs = ndjson(&s.post_lines("/api/generate", &b));
+    let (last, chunks) = objs.split_last().unwrap();
+    let text: String = chunks
+        .iter()
+        .map(|o| o["response"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want, "ollama generate, streamed");
+    assert!(chunks.iter().all(|o| o["done"] == false));
+    assert_eq!(last["done"], true);
+    assert_eq!(last["eval_count"], N);
+
+    let body = json!({ "model": "m", "prompt": PROMPT, "temperature": 0, "max_tokens": N });
+    let r = s.post_json("/v1/completions", &body);
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["choices"][0]["text"], want, "openai completions");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"]["completion_tokens"], N);
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let data = sse_data(&s.post_lines("/v1/completions", &b));
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want, "openai completions, streamed");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+}
+
+/// Chat through both APIs, streaming and not; stop strings; usage and KV
+/// reuse on a conversation's second turn; seeds; JSON output.
+fn check_chat(s: &Server) {
+    let msgs = json!([{ "role": "user", "content": "Name three colours." }]);
+    let body = json!({ "model": "m", "messages": msgs, "stream": false, "options": { "temperature": 0, "num_predict": 16 } });
+    let r = s.post_json("/api/chat", &body);
+    let want = r["message"]["content"].as_str().unwrap().to_string();
+    assert_eq!(r["message"]["role"], "assistant");
+    assert!(!want.is_empty());
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    let objs = ndjson(&s.post_lines("/api/chat", &b));
+    let (last, chunks) = objs.split_last().unwrap();
+    let text: String = chunks
+        .iter()
+        .map(|o| o["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, want, "ollama chat streamed = not streamed");
+    assert_eq!(last["done"], true);
+
+    let body = json!({ "model": "m", "messages": msgs, "temperature": 0, "max_tokens": 16 });
+    let r = s.post_json("/v1/chat/completions", &body);
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["content"], want.as_str());
+    let mut b = body.clone();
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({ "include_usage": true });
+    let data = sse_data(&s.post_lines("/v1/chat/completions", &b));
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(
+        usage["usage"]["completion_tokens"],
+        r["usage"]["completion_tokens"]
+    );
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, want, "openai chat streamed");
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert!(c["id"].is_string() && c["created"].is_u64() && c["model"] == "m");
+    }
+
+    // Stop strings: cut before the stop text, which is not returned.
+    let cut = want.char_indices().nth(want.chars().count() / 2).unwrap().0;
+    let stop: String = want[cut..].chars().take(3).collect();
+    let expect = &want[..want.find(&stop).unwrap()];
+    let mut b = body.clone();
+    b["stop"] = json!([stop]);
+    let r = s.post_json("/v1/chat/completions", &b);
+    assert_eq!(
+        r["choices"][0]["message"]["content"], expect,
+        "stop {stop:?}"
+    );
+    assert_eq!(r["choices"][0]["finish_reason"], "stop");
+    let ob = json!({ "model": "m", "messages": msgs, "stream": false, "options": { "temperature": 0, "num_predict": 16, "stop": [stop] } });
+    let r = s.post_json("/api/chat", &ob);
+    assert_eq!(r["message"]["content"], expect);
+    assert_eq!(r["done_reason"], "stop");
+
+    // A conversation's second turn: its prefix comes from the KV cache.
+    let turn1 = json!({ "messages": [{ "role": "user", "content": "Tell me about foxes." }], "temperature": 0, "max_tokens": 12 });
+    let r1 = s.post_json("/v1/chat/completions", &turn1);
+    let reply = r1["choices"][0]["message"]["content"].as_str().unwrap();
+    let turn2 = json!({ "messages": [
+        { "role": "user", "content": "Tell me about foxes." },
+        { "role": "assistant", "content": reply },
+        { "role": "user", "content": "And wolves?" }
+    ], "temperature": 0, "max_tokens": 12 });
+    let r2 = s.post_json("/v1/chat/completions", &turn2);
+    let u = &r2["usage"];
+    let cached = u["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = u["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached > r1["usage"]["prompt_tokens"].as_u64().unwrap() / 2,
+        "{u}"
+    );
+    assert!(cached < prompt, "{u}");
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        prompt + u["completion_tokens"].as_u64().unwrap()
+    );
+    let o1 = json!({ "messages": [{ "role": "user", "content": "Tell me about owls." }], "stream": false, "options": { "temperature": 0, "num_predict": 12 } });
+    let a = s.post_json("/api/chat", &o1);
+    let mut o2 = o1.clone();
+    o2["messages"] = json!([
+        { "role": "user", "content": "Tell me about owls." },
+        { "role": "assistant", "content": a["message"]["content"] },
+        { "role": "user", "content": "And bats?" }
+    ]);
+    let b2 = s.post_json("/api/chat", &o2);
+    let full = a["prompt_eval_count"].as_u64().unwrap() + a["eval_count"].as_u64().unwrap();
+    let evaluated = b2["prompt_eval_count"].as_u64().unwrap();
+    assert!(
+        evaluated < full,
+        "turn 2 evaluated {evaluated} prompt tokens: no reuse"
+    );
+
+    // A fixed seed reproduces sampled text.
+    let sb =
+        json!({ "prompt": "Once upon a time", "temperature": 1.0, "seed": 1234, "max_tokens": 16 });
+    let t1 = s.post_json("/v1/completions", &sb)["choices"][0]["text"].clone();
+    let t2 = s.post_json("/v1/completions", &sb)["choices"][0]["text"].clone();
+    assert_eq!(t1, t2);
+
+    // JSON output through the grammar.
+    let jb = json!({ "model": "m", "prompt": "Describe a cat as JSON with name and age.", "format": "json", "stream": false, "options": { "temperature": 0, "num_predict": 48 } });
+    let r = s.post_json("/api/generate", &jb);
+    let out = r["response"].as_str().unwrap().trim();
+    assert!(out.starts_with('{'), "{out}");
+    if r["done_reason"] == "stop" {
+        serde_json::from_str::<Value>(out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    }
+    let jb = json!({ "messages": [{ "role": "user", "content": "A JSON object with a colour." }], "response_format": { "type": "json_object" }, "temperature": 0, "max_tokens": 48 });
+    let r = s.post_json("/v1/chat/completions", &jb);
+    let out = r["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .trim();
+    assert!(out.starts_with('{'), "{out}");
+    if r["choices"][0]["finish_reason"] == "stop" {
+        serde_json::from_str::<Value>(out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    }
+}
+
+/// Every bad request gets its status and its API's error shape.
+fn check_errors(s: &Server) {
+    let ollama_err = |(status, body): (u16, String), want: u16| {
+        assert_eq!(status, want, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"].is_string(), "{v}");
+        v["error"].as_str().unwrap().to_string()
+    };
+    let openai_err = |(status, body): (u16, String), want: u16| {
+        assert_eq!(status, want, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+        v["error"]["message"].as_str().unwrap().to_string()
+    };
+    ollama_err(s.post("/api/chat", "{not json"), 400);
+    ollama_err(s.post("/api/generate", r#"{"prompt": 5}"#), 400);
+    ollama_err(s.post("/api/chat", r#"{"messages": "hi"}"#), 400);
+    ollama_err(
+        s.post(
+            "/api/generate",
+            r#"{"prompt": "x", "options": {"temperature": "hot"}}"#,
+        ),
+        400,
+    );
+    let m = ollama_err(
+        s.post(
+            "/api/generate",
+            r#"{"prompt": "x", "options": {"top_p": 3}}"#,
+        ),
+        400,
+    );
+    assert!(m.contains("top_p"), "{m}");
+    openai_err(s.post("/v1/chat/completions", "{\"messages\": ["), 400);
+    openai_err(
+        s.post(
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+        ),
+        400,
+    );
+    let m = openai_err(
+        s.post(
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#,
+        ),
+        400,
+    );
+    assert!(m.contains("n must be 1"), "{m}");
+    openai_err(
+        s.post("/v1/completions", r#"{"prompt": "x", "max_tokens": 0}"#),
+        400,
+    );
+    // Longer than the context (--ctx 1024): the numbers are in the message.
+    let long = "hello ".repeat(1500);
+    let m = openai_err(
+        s.post("/v1/completions", &json!({ "prompt": long }).to_string()),
+        400,
+    );
+    assert!(
+        m.contains("the prompt has 150") && m.contains("the context holds 1024"),
+        "{m}"
+    );
+    let m = ollama_err(
+        s.post(
+            "/api/generate",
+            &json!({ "prompt": long, "raw": true }).to_string(),
+        ),
+        400,
+    );
+    assert!(m.contains("1024"), "{m}");
+    // Over --max-body 64K.
+    let big = json!({ "prompt": "x".repeat(100_000) }).to_string();
+    openai_err(s.post("/v1/completions", &big), 413);
+    ollama_err(s.post("/api/generate", &big), 413);
+    // Unknown routes.
+    ollama_err(s.get("/api/nothing"), 404);
+    openai_err(s.get("/v1/nothing"), 404);
+    openai_err(s.post("/v1/embeddings", "{}"), 404);
+    assert!(metric(s, "hypura_request_errors_total") >= 16.0);
+}
+
+/// A client that disconnects mid-stream cancels its generation; the next
+/// request is answered.
+fn check_disconnect(s: &Server) {
+    let before = metric(s, "hypura_generations_cancelled_total");
+    let gen_before = metric(s, "hypura_generated_tokens_total");
+    let addr = s.base.strip_prefix("http://").unwrap();
+    let body =
+        json!({ "prompt": PROMPT, "raw": true, "options": { "num_predict": 900 } }).to_string();
+    let mut c = TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "POST /api/generate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 2048];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\"response\"") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    drop(c);
+    let t = Instant::now();
+    let r = s.post_json(
+        "/v1/completions",
+        &json!({ "prompt": "Hi", "max_tokens": 4 }),
+    );
+    assert_eq!(r["usage"]["completion_tokens"], 4);
+    assert_eq!(
+        metric(s, "hypura_generations_cancelled_total"),
+        before + 1.0
+    );
+    // The cancelled generation stopped early (its tokens are not counted,
+    // and the next request did not wait for 900 tokens).
+    assert_eq!(metric(s, "hypura_generated_tokens_total"), gen_before + 4.0);
+    eprintln!(
+        "next request answered {:?} after the disconnect",
+        t.elapsed()
+    );
+}
+
+fn check_all(model: &Path, extra: &[&str]) {
+    let want = run_text(model, extra);
+    assert!(!want.is_empty());
+    let mut args = vec!["--ctx", "1024", "--max-body", "64K", "--metrics"];
+    args.extend_from_slice(extra);
+    let mut s = Server::start(model, &args);
+    let stem = model.file_stem().unwrap().to_str().unwrap();
+    check_info(&s, stem, !extra.is_empty());
+    check_greedy(&s, &want);
+    check_chat(&s);
+    check_errors(&s);
+    check_disconnect(&s);
+    assert_eq!(s.get_json("/health")["status"], "ok");
+    assert!(metric(&s, "hypura_generated_tokens_total") > 100.0);
+    if !extra.is_empty() {
+        assert!(metric(&s, "hypura_storage_read_bytes_total") > 0.0);
+    }
+    assert!(s.stop(), "the server did not exit cleanly on SIGTERM");
+}
+
+#[test]
+fn serve_resident() {
+    let Some(m) = common::model(common::SMOLLM2) else {
+        return;
+    };
+    check_all(&m, &[]);
+}
+
+#[test]
+fn serve_streaming() {
+    let Some(m) = common::model(common::SMOLLM2) else {
+        return;
+    };
+    check_all(&m, &["--ram-budget", "60M"]);
+}
