@@ -438,3 +438,158 @@ fn serve_streaming() {
     };
     check_all(&m, &["--ram-budget", "60M"]);
 }
+
+/// `--queue 1`: one request runs, one waits, the next is refused with 503
+/// and Retry-After. SIGTERM then ends the running stream with an error
+/// event, refuses the waiting request, and the server exits cleanly.
+#[test]
+fn serve_queue_full_and_shutdown() {
+    let Some(m) = common::model(common::SMOLLM2) else { return };
+    let mut s = Server::start(&m, &["--queue", "1", "--ctx", "2048"]);
+    let addr = s.base.strip_prefix("http://").unwrap().to_string();
+    let body = json!({ "prompt": PROMPT, "raw": true, "options": { "num_predict": 2000, "temperature": 0 } }).to_string();
+    let mut a = TcpStream::connect(&addr).unwrap();
+    write!(
+        a,
+        "POST /api/generate HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\"response\"") {
+        let n = a.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let base = s.base.clone();
+    let waiting = std::thread::spawn(move || {
+        let r = ureq::post(&format!("{base}/v1/completions"))
+            .send_string(r#"{"prompt": "Hi", "max_tokens": 2}"#);
+        match r {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r = ureq::post(&s.url("/api/generate")).send_string(r#"{"prompt": "Hi"}"#);
+    let Err(ureq::Error::Status(503, resp)) = r else { panic!("expected 503, got {r:?}") };
+    assert_eq!(resp.header("Retry-After"), Some("1"));
+    let v: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("queue is full"), "{v}");
+
+    assert!(s.stop(), "the server did not exit cleanly on SIGTERM");
+    let _ = a.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no NDJSON line in {text}"));
+    let v: Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["error"], "the server is shutting down", "{text}");
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+}
+
+/// 1,000 short well-formed requests from 8 concurrent clients, across both
+/// APIs, streamed and not: all answered, server RSS growth under 100 MiB.
+#[test]
+fn serve_load() {
+    let Some(m) = common::model(common::SMOLLM2) else { return };
+    let total: usize = std::env::var("HYPURA_SERVE_LOAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let s = Server::start(&m, &["--ctx", "512", "--queue", "64"]);
+    let one = |s: &Server, i: usize| {
+        let prompt = format!("Count to {}:", i % 17);
+        let stream = i % 2 == 1;
+        match i % 4 {
+            0 | 1 => {
+                let b = json!({ "model": "m", "prompt": prompt, "raw": true, "stream": stream, "options": { "num_predict": 3 } });
+                let objs = match stream {
+                    true => ndjson(&s.post_lines("/api/generate", &b)),
+                    false => vec![s.post_json("/api/generate", &b)],
+                };
+                let last = objs.last().unwrap();
+                assert_eq!(last["done"], true, "{last}");
+                assert!(last["eval_count"].as_u64().unwrap() <= 3);
+            }
+            _ => {
+                let b = json!({ "model": "m", "messages": [{ "role": "user", "content": prompt }], "max_tokens": 3, "stream": stream });
+                if stream {
+                    let data = sse_data(&s.post_lines("/v1/chat/completions", &b));
+                    assert_eq!(data.last().unwrap(), "[DONE]");
+                    let fin: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+                    assert!(fin["choices"][0]["finish_reason"].is_string(), "{fin}");
+                } else {
+                    let r = s.post_json("/v1/chat/completions", &b);
+                    assert!(r["usage"]["completion_tokens"].as_u64().unwrap() <= 3);
+                }
+            }
+        }
+    };
+    for i in 0..40 {
+        one(&s, i);
+    }
+    let rss0 = s.rss();
+    let t = Instant::now();
+    let per = total / 8;
+    std::thread::scope(|sc| {
+        for c in 0..8 {
+            let s = &s;
+            sc.spawn(move || {
+                for i in 0..per {
+                    one(s, c * per + i);
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let rss1 = s.rss();
+    eprintln!(
+        "{} requests in {secs:.1} s ({:.1}/s); RSS {} -> {} MiB",
+        per * 8,
+        (per * 8) as f64 / secs,
+        rss0 >> 20,
+        rss1 >> 20
+    );
+    assert!(rss1 < rss0 + (100 << 20), "RSS grew from {rss0} to {rss1}");
+    assert!(secs < 600.0, "{secs} s");
+    assert_eq!(s.get_json("/health")["status"], "ok");
+}
+
+/// The real `openai` and `ollama` Python packages (pip, into a venv in the
+/// build directory) against a spawned server.
+#[test]
+fn serve_python_clients() {
+    let Some(m) = common::model(common::SMOLLM2) else { return };
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-venv");
+    let py = venv.join("bin/python");
+    let ok = |c: &mut std::process::Command| {
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{c:?}: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    };
+    if !py.exists() {
+        ok(std::process::Command::new("python3").args(["-m", "venv"]).arg(&venv));
+    }
+    ok(std::process::Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "openai", "ollama"]));
+    let want = run_text(&m, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let greedy = dir.path().join("greedy.txt");
+    std::fs::write(&greedy, &want).unwrap();
+    let s = Server::start(&m, &["--ctx", "1024"]);
+    let stem = m.file_stem().unwrap().to_str().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/serve-clients.py");
+    let o = std::process::Command::new(&py)
+        .arg(script)
+        .args([&s.base, stem, PROMPT, &N.to_string()])
+        .arg(&greedy)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "serve-clients.py failed:\n{out}{}", String::from_utf8_lossy(&o.stderr));
+    eprintln!("serve-clients.py: {}", out.trim());
+}
