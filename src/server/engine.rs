@@ -191,7 +191,7 @@ pub fn start(
             if ready_tx.send(Ok(info)).is_err() {
                 return;
             }
-            worker.run(session, template, rx);
+            worker.run(session, template, rx, &path, &opts);
         })?;
     let info = match ready_rx.recv() {
         Ok(r) => r?,
@@ -215,10 +215,15 @@ struct Worker {
 impl Worker {
     fn run(
         &self,
-        mut session: Session,
+        session: Session,
         template: Result<ChatTemplate>,
         rx: std_mpsc::Receiver<Job>,
+        path: &Path,
+        opts: &SessionOptions,
     ) {
+        // None after a storage error while streaming: the streaming engine's
+        // state is unknown, so the session is loaded again for the next job.
+        let mut loaded = Some((session, template));
         while let Ok(job) = rx.recv() {
             self.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
             // Registered before the shutdown check: a shutdown either sees
@@ -232,24 +237,46 @@ impl Worker {
             } else if job.cancel.load(Ordering::SeqCst) || job.events.is_closed() {
                 self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
             } else {
-                self.metrics.busy.store(1, Ordering::Relaxed);
-                self.job(&mut session, &template, job);
-                self.metrics.busy.store(0, Ordering::Relaxed);
-                *self
-                    .metrics
-                    .stream
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = session.metrics();
+                if loaded.is_none() {
+                    tracing::warn!("loading the model again after a storage error");
+                    match Session::load(path, opts, None) {
+                        Ok(s) => {
+                            let t = s.chat_template(None);
+                            loaded = Some((s, t));
+                        }
+                        Err(e) => {
+                            let _ = job.events.blocking_send(Event::Rejected(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!("the model could not be loaded again after a storage error: {e:#}"),
+                            ));
+                        }
+                    }
+                }
+                if let Some((session, template)) = loaded.as_mut() {
+                    self.metrics.busy.store(1, Ordering::Relaxed);
+                    let storage_failed = self.job(session, template, job);
+                    self.metrics.busy.store(0, Ordering::Relaxed);
+                    *self
+                        .metrics
+                        .stream
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = session.metrics();
+                    if storage_failed {
+                        loaded = None;
+                    }
+                }
             }
             *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
-    fn job(&self, session: &mut Session, template: &Result<ChatTemplate>, job: Job) {
+    /// Runs one job; true when it failed reading the model from storage.
+    fn job(&self, session: &mut Session, template: &Result<ChatTemplate>, job: Job) -> bool {
         let t0 = Instant::now();
         let events = &job.events;
         let reject = |status: StatusCode, msg: String| {
             let _ = events.blocking_send(Event::Rejected(status, msg));
+            false
         };
         let tokens = match prompt_tokens(session, template, &job.prompt) {
             Ok(t) => t,
@@ -284,7 +311,7 @@ impl Worker {
             .is_err()
         {
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let setup_secs = t0.elapsed().as_secs_f64();
         let cancel = &*job.cancel;
@@ -302,6 +329,7 @@ impl Worker {
             }
             Ok(())
         });
+        let mut storage_failed = false;
         match r {
             Ok(g) if g.finish == Finish::Cancelled => {
                 if self.shutting_down.load(Ordering::SeqCst) {
@@ -337,9 +365,12 @@ impl Worker {
             Err(e) => {
                 self.metrics.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!("generation failed: {e:#}");
-                let _ = events.blocking_send(Event::Failed(format!("{e:#}")));
+                let msg = format!("{e:#}");
+                storage_failed = msg.starts_with("streaming from");
+                let _ = events.blocking_send(Event::Failed(msg));
             }
         }
+        storage_failed
     }
 }
 

@@ -17,13 +17,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `hypura serve MODEL --port 0 --threads 2 EXTRA...` and waits
-    /// for its `listening on` line.
+    /// Starts `hypura serve MODEL --port 0 EXTRA...` (`--threads 2` unless
+    /// EXTRA names threads) and waits for its `listening on` line.
     pub fn start(model: &Path, extra: &[&str]) -> Server {
+        let threads: &[&str] = match extra.contains(&"--threads") {
+            true => &[],
+            false => &["--threads", "2"],
+        };
         let mut child = crate::common::hypura()
             .arg("serve")
             .arg(model)
-            .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(threads)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
