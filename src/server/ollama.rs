@@ -190,20 +190,20 @@ fn wants_json(format: &Option<Value>) -> Result<bool, ApiError> {
     }
 }
 
+/// Sampling, generation length, context and stop strings of a request.
+type Settings = (
+    crate::engine::sampling::SamplingParams,
+    Option<usize>,
+    Option<u32>,
+    Vec<String>,
+);
+
 /// The settings of a request's `options` and `format`.
 fn job_settings(
     st: &AppState,
     options: Option<Options>,
     format: &Option<Value>,
-) -> Result<
-    (
-        crate::engine::sampling::SamplingParams,
-        Option<usize>,
-        Option<u32>,
-        Vec<String>,
-    ),
-    ApiError,
-> {
+) -> Result<Settings, ApiError> {
     let o = options.unwrap_or_default();
     let ov = Overrides {
         temp: o.temperature,
