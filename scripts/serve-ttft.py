@@ -13,8 +13,8 @@ import time
 import urllib.parse
 
 base = urllib.parse.urlparse(sys.argv[1])
-# About 1,500 tokens of varied text (a numbered list of facts).
-facts = " ".join(f"Fact {i}: the number {i} squared is {i * i}, and its double is {2 * i}." for i in range(1, 100))
+# About 1,500 tokens of varied text (SmolLM2: 1,5xx with the template) (a numbered list of facts).
+facts = " ".join(f"Fact {i}: the number {i} squared is {i * i}, and its double is {2 * i}." for i in range(1, 58))
 system = "You are a careful assistant. Use these notes when answering.\n" + facts
 
 
