@@ -21,4 +21,5 @@ mod layering;
 pub mod profiler;
 pub mod report;
 pub mod scheduler;
+pub mod server;
 pub mod util;

@@ -9,6 +9,7 @@ pub mod gen;
 pub mod inspect;
 pub mod profile;
 pub mod run;
+pub mod serve;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,6 +34,8 @@ pub enum Command {
     Gen(gen::GenArgs),
     /// Compare lookahead depths (and llama.cpp's own loading): table, JSON, chart.
     Bench(bench::BenchArgs),
+    /// Serve the model over HTTP: Ollama- and OpenAI-compatible API.
+    Serve(serve::ServeArgs),
 }
 
 /// Logs go to stderr through tracing; the level comes from `HYPURA_LOG` (or `RUST_LOG`).
@@ -60,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Profile(a) => profile::run(a),
         Command::Gen(a) => gen::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     };
     // A run stopped by Ctrl-C / SIGTERM exits with 128 + the signal, after
     // its partial output and statistics.
