@@ -11,6 +11,8 @@ command -v git >/dev/null || need+=(git)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+# The server's client tests make a venv (Debian's python3 needs python3-venv for it).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 # bindgen loads libclang.so / libclang-N.so(.M) (never libclang-cpp.so, which
 # an unrelated package may have installed).
 ldconfig -p 2>/dev/null | grep -qE '(^|[[:space:]/])libclang(-[0-9][0-9.]*)?\.so' || need+=(libclang-dev clang)
