@@ -175,7 +175,8 @@ pub enum GgufError {
     },
 }
 
-/// Most characters of file content one error message quotes.
+/// Most characters of file content one error message quotes (escapes
+/// included).
 pub const MAX_QUOTED_CHARS: usize = 100;
 
 /// File content (a key, a tensor name, a string value) as an error message
@@ -183,17 +184,19 @@ pub const MAX_QUOTED_CHARS: usize = 100;
 /// message stays one line), cut after [`MAX_QUOTED_CHARS`] characters with its
 /// length in bytes after it. A hostile file cannot make an error echo itself.
 pub fn quoted(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().min(MAX_QUOTED_CHARS) + 24);
+    let mut out = String::with_capacity(MAX_QUOTED_CHARS + 32);
     out.push('\'');
-    let mut chars = s.chars();
-    for c in chars.by_ref().take(MAX_QUOTED_CHARS) {
-        out.extend(c.escape_debug());
+    let mut shown = 0;
+    for (i, c) in s.char_indices() {
+        let esc = c.escape_debug();
+        if shown + esc.len() > MAX_QUOTED_CHARS {
+            out.push_str(&format!("...' ({} bytes, {i} shown)", s.len()));
+            return out;
+        }
+        shown += esc.len();
+        out.extend(esc);
     }
-    if chars.next().is_some() {
-        out.push_str(&format!("...' ({} bytes)", s.len()));
-    } else {
-        out.push('\'');
-    }
+    out.push('\'');
     out
 }
 
@@ -222,5 +225,24 @@ impl GgufError {
             op,
             err,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_content_is_escaped_and_cut() {
+        assert_eq!(quoted("blk.0.ffn_up.weight"), "'blk.0.ffn_up.weight'");
+        assert_eq!(quoted("a\nb'"), "'a\\nb\\''");
+        let long = "x".repeat(500_000);
+        let q = quoted(&long);
+        assert!(q.len() < MAX_QUOTED_CHARS + 40, "{q}");
+        assert!(q.ends_with("...' (500000 bytes, 100 shown)"), "{q}");
+        // Escapes count: control bytes cannot stretch the quote.
+        let ctl = "\u{1b}".repeat(1000);
+        assert!(quoted(&ctl).len() < MAX_QUOTED_CHARS + 40);
+        assert!(!quoted(&ctl).contains('\u{1b}'));
     }
 }

@@ -302,7 +302,7 @@ impl<'a> Check<'a> {
                     return Err(self.f.bad(format!(
                         "{} is 0{}: the model needs attention heads",
                         self.key("attention.head_count"),
-                        layer_note(&heads, il)
+                        layer_note(&heads, &heads, il)
                     )));
                 }
                 continue;
@@ -312,7 +312,7 @@ impl<'a> Check<'a> {
                     "{} {k} must divide {} {h}{}",
                     self.key("attention.head_count_kv"),
                     self.key("attention.head_count"),
-                    layer_note(&heads, il)
+                    layer_note(&heads, &kv, il)
                 )));
             }
         }
@@ -387,10 +387,10 @@ fn max_of(p: &PerLayer<'_>) -> u64 {
     }
 }
 
-/// ` (layer N)` for a per-layer array, nothing for a scalar.
-fn layer_note(p: &PerLayer<'_>, il: u32) -> String {
-    match p {
-        PerLayer::Array(_) => format!(" (layer {il})"),
+/// ` (layer N)` when either value is a per-layer array, nothing for scalars.
+fn layer_note(a: &PerLayer<'_>, b: &PerLayer<'_>, il: u32) -> String {
+    match (a, b) {
+        (PerLayer::Array(_), _) | (_, PerLayer::Array(_)) => format!(" (layer {il})"),
         _ => String::new(),
     }
 }
@@ -470,14 +470,6 @@ impl Check<'_> {
             None => None,
         };
         let head_v = self.uint("attention.value_length")?.or(head_k);
-        if let (Some(r), Some(hk)) = (self.uint("rope.dimension_count")?, head_k) {
-            if r > hk || r % 2 != 0 {
-                return Err(self.f.bad(format!(
-                    "{} {r} must be even and at most the head size {hk}",
-                    self.key("rope.dimension_count")
-                )));
-            }
-        }
         let ff_exp = match self.per_layer("expert_feed_forward_length", n)? {
             PerLayer::Absent if self.arch == Some("llama") => {
                 self.per_layer("feed_forward_length", n)?
@@ -518,6 +510,15 @@ impl Check<'_> {
                         want.join(", ")
                     )));
                 }
+            }
+        }
+        // ggml's RoPE asserts on an odd or too wide rotation mid-computation.
+        if let (Some(r), Some(hk)) = (self.uint("rope.dimension_count")?, head_k) {
+            if r > hk || r % 2 != 0 {
+                return Err(self.f.bad(format!(
+                    "{} {r} must be even and at most the head size {hk}",
+                    self.key("rope.dimension_count")
+                )));
             }
         }
         Ok(())
