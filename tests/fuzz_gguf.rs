@@ -19,8 +19,11 @@
 //! allocator); an error is one line of at most 1,000 characters that names
 //! the file. Case `i` is reproducible from the seed and `i` alone.
 //!
-//! `HYPURA_FUZZ_CASES` (default 20,000) and `HYPURA_FUZZ_SEED` set the run;
-//! `HYPURA_FUZZ_THREADS` the workers (default: the CPUs, at most 2).
+//! `HYPURA_FUZZ_CASES` (default 20,000), `HYPURA_FUZZ_FIRST_CASE` (default 0)
+//! and `HYPURA_FUZZ_SEED` set the run;
+//! `HYPURA_FUZZ_THREADS` the workers (default: the CPUs, at most 2). The
+//! long run: `HYPURA_FUZZ_CASES=1000000 cargo test --release --test
+//! fuzz_gguf -- --nocapture` (`HYPURA_FUZZ_PREFIX_DIR`: see [`real_seed`]).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -44,6 +47,8 @@ struct Counting;
 thread_local! {
     static LIVE: Cell<isize> = const { Cell::new(0) };
     static PEAK: Cell<isize> = const { Cell::new(0) };
+    /// This thread runs fuzz cases (their panics are caught and reported).
+    static IN_FUZZ: Cell<bool> = const { Cell::new(false) };
 }
 
 fn track(delta: isize) {
@@ -239,17 +244,45 @@ fn walk(b: &[u8]) -> (Vec<Vec<Field>>, Vec<(usize, usize)>) {
 }
 
 fn seed_from(name: &str, path: &Path) -> Seed {
+    use std::io::Read;
     let g = GgufFile::open(path).unwrap_or_else(|e| panic!("seed {name}: {e}"));
-    let mut bytes = std::fs::read(path).unwrap();
-    bytes.truncate(g.data_offset as usize);
+    // Only the header, metadata and tensor infos.
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .take(g.data_offset)
+        .read_to_end(&mut bytes)
+        .unwrap();
+    seed_of(name, bytes, g.file_size)
+}
+
+fn seed_of(name: &str, bytes: Vec<u8>, file_size: u64) -> Seed {
     let (fields, strings) = walk(&bytes);
     Seed {
         name: name.to_string(),
         bytes,
-        file_size: g.file_size,
+        file_size,
         fields,
         strings,
     }
+}
+
+/// A real model's seed: from the model, or from `HYPURA_FUZZ_PREFIX_DIR`,
+/// where `NAME.prefix` holds its first bytes and `NAME.size` its size (for
+/// a machine without the models: `HYPURA_FUZZ_WRITE_PREFIXES=DIR` writes them).
+fn real_seed(name: &str, model: &str) -> Option<Seed> {
+    if let Some(dir) = std::env::var_os("HYPURA_FUZZ_PREFIX_DIR").map(PathBuf::from) {
+        let bytes = std::fs::read(dir.join(format!("{name}.prefix"))).ok()?;
+        let size = std::fs::read_to_string(dir.join(format!("{name}.size"))).unwrap();
+        return Some(seed_of(name, bytes, size.trim().parse().unwrap()));
+    }
+    let s = seed_from(name, &common::model(model)?);
+    if let Some(dir) = std::env::var_os("HYPURA_FUZZ_WRITE_PREFIXES").map(PathBuf::from) {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.prefix")), &s.bytes).unwrap();
+        std::fs::write(dir.join(format!("{name}.size")), s.file_size.to_string()).unwrap();
+    }
+    Some(s)
 }
 
 /// The seeds, with how often each is drawn (the real headers are large,
@@ -271,12 +304,8 @@ fn seeds(dir: &Path) -> Vec<(Seed, u32)> {
         generate(&cfg, &path, &mut |_, _| {}).unwrap();
         out.push((seed_from(name, &path), 2));
     }
-    if let Some(p) = common::model(common::SMOLLM2) {
-        out.push((seed_from("smollm2", &p), 3));
-    }
-    if let Some(p) = common::model(common::GEMMA3) {
-        out.push((seed_from("gemma3", &p), 1));
-    }
+    out.extend(real_seed("smollm2", common::SMOLLM2).map(|s| (s, 3)));
+    out.extend(real_seed("gemma3", common::GEMMA3).map(|s| (s, 1)));
     out
 }
 
@@ -517,6 +546,8 @@ fn env_u64(key: &str, default: u64) -> u64 {
 #[test]
 fn mutated_gguf_headers_never_panic_or_blow_up() {
     let cases = env_u64("HYPURA_FUZZ_CASES", 20_000);
+    // A long run may be split: cases [first, first + cases) of one seed.
+    let first = env_u64("HYPURA_FUZZ_FIRST_CASE", 0);
     let base = env_u64("HYPURA_FUZZ_SEED", 0x4859_5055_5241);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let threads = env_u64("HYPURA_FUZZ_THREADS", cpus.min(2)).max(1);
@@ -526,10 +557,15 @@ fn mutated_gguf_headers_never_panic_or_blow_up() {
     let total: u32 = weights.iter().sum();
     // The path errors must name: never opened (the bytes are in memory).
     let path = PathBuf::from("/fuzz/mutated model.gguf");
-    // A panic message per case would flood the output: keep the first.
+    // Panics of cases are caught and reported as failures: no message from
+    // the fuzz workers (other threads keep the default hook).
     let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let next = AtomicU64::new(0);
+    std::panic::set_hook(Box::new(move |info| {
+        if !IN_FUZZ.with(Cell::get) {
+            default_hook(info)
+        }
+    }));
+    let next = AtomicU64::new(first);
     let accepted = AtomicUsize::new(0);
     let per_seed: Vec<AtomicUsize> = seeds.iter().map(|_| AtomicUsize::new(0)).collect();
     let failures = Mutex::new(Vec::new());
@@ -537,8 +573,9 @@ fn mutated_gguf_headers_never_panic_or_blow_up() {
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
+                IN_FUZZ.with(|f| f.set(true));
                 let case = next.fetch_add(1, Ordering::Relaxed);
-                if case >= cases {
+                if case >= first + cases {
                     break;
                 }
                 // The seed is a function of the case alone.
@@ -560,7 +597,7 @@ fn mutated_gguf_headers_never_panic_or_blow_up() {
             });
         }
     });
-    std::panic::set_hook(default_hook);
+    let _ = std::panic::take_hook();
     let secs = t0.elapsed().as_secs_f64();
     let per: Vec<String> = seeds
         .iter()
@@ -568,7 +605,7 @@ fn mutated_gguf_headers_never_panic_or_blow_up() {
         .map(|((s, _), n)| format!("{} {}", s.name, n.load(Ordering::Relaxed)))
         .collect();
     eprintln!(
-        "fuzz: {cases} cases (seed {base:#x}, {threads} threads) in {secs:.1} s: {} accepted, {} rejected with an error; by seed: {}; most held at once by a real header's case: {:.2}x its bytes",
+        "fuzz: {cases} cases from #{first} (seed {base:#x}, {threads} threads) in {secs:.1} s: {} accepted, {} rejected with an error; by seed: {}; most held at once by a real header's case: {:.2}x its bytes",
         accepted.load(Ordering::Relaxed),
         cases as usize - accepted.load(Ordering::Relaxed),
         per.join(", "),

@@ -491,16 +491,53 @@ fn flags_at_their_extremes_are_refused_or_bounded() {
             t0.elapsed()
         );
     }
+    let out = dir.path().join("bench-out");
+    let out = out.to_str().unwrap();
+    for (flag, v, needle) in [
+        (
+            "--prompt-tokens",
+            "18446744073709551615",
+            "--prompt-tokens 18446744073709551615 is too large (at most 32768)",
+        ),
+        (
+            "--gen-tokens",
+            "18446744073709551615",
+            "--gen-tokens 18446744073709551615 is too large",
+        ),
+        (
+            "--repeat",
+            "18446744073709551615",
+            "--repeat 18446744073709551615 is too large",
+        ),
+        (
+            "--warmup",
+            "18446744073709551615",
+            "--warmup 18446744073709551615 is too large",
+        ),
+    ] {
+        clean_failure(&["bench", p, "--out", out, flag, v], &[needle]);
+    }
     // Bounded: a batch above the context is the context; more threads than
     // CPUs are the CPUs (with a warning), lookahead up to the layer count.
+    // A penalty window past the context is the context (llama.cpp allocates
+    // it up front: 2^31 tokens took 8 GiB and a minute and a half).
     for flags in [
         &["--batch", "4294967295"][..],
         &["--threads", "512"],
         &["--lookahead", "4", "--mode", "dense", "--ram-budget", "2M"],
+        &["--repeat-last-n", "2147483647", "--repeat-penalty", "1.1"],
     ] {
-        let o = exec(&run_args(p, flags));
+        let t0 = std::time::Instant::now();
+        let o = exec(&run_args(p, &[flags, &["--json"]].concat()));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{flags:?}: {err}");
+        let rss = common::report(&err)["peak_rss_bytes"].as_u64().unwrap();
+        assert!(rss < 1 << 30, "{flags:?}: peak RSS {rss}");
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "{flags:?} took {:?}",
+            t0.elapsed()
+        );
     }
 }
 
