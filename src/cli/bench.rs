@@ -77,16 +77,35 @@ pub struct BenchArgs {
     pub save: bool,
 }
 
+/// Most recorded (or warm-up) rounds.
+const MAX_ROUNDS: usize = 10_000;
+/// Longest synthetic prompt, in tokens.
+const MAX_PROMPT_TOKENS: usize = 32_768;
+/// Most tokens generated per run.
+const MAX_GEN_TOKENS: usize = 1 << 20;
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let depths = parse_depths(&args.lookahead)?;
-    if args.repeat == 0 {
-        bail!("--repeat must be at least 1");
-    }
-    if args.prompt_tokens == 0 {
-        bail!("--prompt-tokens must be at least 1");
-    }
-    if args.gen_tokens == 0 {
-        bail!("--gen-tokens must be at least 1");
+    // Counts are bounded so that no arithmetic on them overflows; the prompt
+    // goes to each run on its command line (2 bytes a token, and Linux takes
+    // at most 128 KiB in one argument).
+    let bounded = |flag: &str, v: usize, max: usize| {
+        if v == 0 {
+            bail!("--{flag} must be at least 1");
+        }
+        if v > max {
+            bail!("--{flag} {v} is too large (at most {max})");
+        }
+        Ok(())
+    };
+    bounded("repeat", args.repeat, MAX_ROUNDS)?;
+    bounded("prompt-tokens", args.prompt_tokens, MAX_PROMPT_TOKENS)?;
+    bounded("gen-tokens", args.gen_tokens, MAX_GEN_TOKENS)?;
+    if args.warmup > MAX_ROUNDS {
+        bail!(
+            "--warmup {} is too large (at most {MAX_ROUNDS})",
+            args.warmup
+        );
     }
     if args.ram_budget == Some(0) {
         bail!("--ram-budget must be more than 0");

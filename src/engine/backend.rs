@@ -10,6 +10,8 @@ static INIT: Once = Once::new();
 /// The last error llama.cpp logged: attached to our own error messages so that
 /// a failed load says why without dumping llama.cpp's log on the terminal.
 static LAST_ERROR: Mutex<String> = Mutex::new(String::new());
+/// Longest llama.cpp error kept for a message, in characters.
+const MAX_ERROR_CHARS: usize = 300;
 
 /// Initialises llama.cpp's backends once per process (idempotent).
 pub fn init() {
@@ -50,11 +52,19 @@ unsafe extern "C" fn log_callback(
         sys::GGML_LOG_LEVEL_ERROR => {
             tracing::debug!(target: "llama", "{line}");
             let mut guard = LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner());
-            *guard = line
+            let msg = line
                 .trim_start_matches(|c: char| c.is_alphanumeric() || c == '_')
                 .trim_start_matches(':')
-                .trim()
-                .to_string();
+                .trim();
+            // It may quote the model file (a key, a token): one short line.
+            *guard = msg
+                .chars()
+                .take(MAX_ERROR_CHARS)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if msg.chars().nth(MAX_ERROR_CHARS).is_some() {
+                guard.push_str("...");
+            }
         }
         sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama", "{line}"),
         sys::GGML_LOG_LEVEL_INFO => tracing::info!(target: "llama", "{line}"),

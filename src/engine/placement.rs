@@ -102,10 +102,17 @@ pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, n_ctx: u32) -> Re
         gguf,
         ram_budget,
         mode: args.mode,
-        // An explicit --lookahead wins; else what `hypura bench --save` chose.
-        lookahead: args
-            .lookahead
-            .or_else(|| crate::config::saved_lookahead(&gguf.path)),
+        // An explicit --lookahead wins (the plan refuses one deeper than the
+        // model); else what `hypura bench --save` chose, capped at the layers
+        // (the settings file may be for another model of the same name).
+        lookahead: args.lookahead.or_else(|| {
+            let layers = gguf
+                .arch_params()
+                .n_layer
+                .unwrap_or(0)
+                .max(gguf.layer_count());
+            crate::config::saved_lookahead(&gguf.path).map(|l| l.min(layers as usize))
+        }),
         disk_gbps: profile
             .as_ref()
             .map(|p| p.storage.best_seq_gbps)

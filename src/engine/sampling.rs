@@ -185,10 +185,14 @@ impl Sampler {
                 .ok_or_else(|| anyhow!("cannot create a sampler chain"))?;
             let add = |s: *mut sys::llama_sampler| sys::llama_sampler_chain_add(chain.as_ptr(), s);
             if params.penalties_on() {
+                // No more tokens than the context holds can be looked back
+                // over; llama.cpp allocates the window up front (a window of
+                // 2^31 tokens took 8 GiB).
+                let ctx = i32::try_from(n_ctx).unwrap_or(i32::MAX);
                 let last_n = if params.repeat_last_n < 0 {
-                    n_ctx as i32
+                    ctx
                 } else {
-                    params.repeat_last_n
+                    params.repeat_last_n.min(ctx)
                 };
                 add(sys::llama_sampler_init_penalties(
                     n_vocab as i32,

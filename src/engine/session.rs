@@ -140,13 +140,7 @@ impl Session {
         if opts.n_batch == 0 {
             bail!("--batch must be at least 1");
         }
-        if opts.threads == 0 {
-            bail!("--threads must be at least 1");
-        }
-        let threads = i32::try_from(opts.threads)
-            .ok()
-            .filter(|&t| t <= 4096)
-            .context("--threads is too large (at most 4096)")?;
+        let threads = thread_count(opts.threads)?;
         // Our own parser validates the file first: its errors are precise, and
         // llama.cpp is never handed a malformed file.
         let gguf = GgufFile::open(path)?;
@@ -154,9 +148,7 @@ impl Session {
         let n_ctx = opts
             .n_ctx
             .unwrap_or_else(|| crate::scheduler::default_ctx(&gguf));
-        if n_ctx == 0 {
-            bail!("--ctx must be at least 1");
-        }
+        check_ctx(&gguf, n_ctx)?;
         let plan = plan_for_machine(&gguf, &opts.placement, n_ctx)?;
         tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, gpu = plan.gpu.is_some(), "plan");
         if opts.gpu_layers.is_some() && plan.mode != Mode::Resident {
@@ -208,7 +200,9 @@ impl Session {
             .map(|(a, b)| a.saturating_sub(b));
 
         let mut copts = ContextOptions::default();
-        (copts.n_ctx, copts.n_batch, copts.n_threads) = (n_ctx, opts.n_batch, threads);
+        // A batch longer than the context is the context (as llama.cpp does).
+        let n_batch = opts.n_batch.min(n_ctx);
+        (copts.n_ctx, copts.n_batch, copts.n_threads) = (n_ctx, n_batch, threads);
         if gpu_layers != 0 {
             copts.cpu_poll = Some(0);
             // Weights in host memory must not be copied to the GPU behind the
@@ -238,7 +232,7 @@ impl Session {
             plan,
             path: path.to_owned(),
             cached: Vec::with_capacity(n_ctx as usize),
-            threads: opts.threads,
+            threads: threads as usize,
             gpu_layers,
             load_secs,
             load_read_bytes,
@@ -538,6 +532,55 @@ impl Session {
                 .map(|m| m.gpu_hits as f64 / per_tok),
         }
     }
+}
+
+/// Most compute threads ggml runs (`GGML_MAX_N_THREADS`).
+pub const MAX_THREADS: usize = 512;
+/// Most tokens a context may hold (llama.cpp pads the size to 256 in a u32).
+pub const MAX_CTX: u32 = 1 << 30;
+
+/// `--threads` as llama.cpp takes it: 1 to [`MAX_THREADS`], and no more than
+/// the CPUs this process may use (ggml's workers spin at each barrier, so
+/// more threads than CPUs starve each other: 4 on 2 CPUs run 25x slower,
+/// 512 never finish). Above the CPUs it is lowered, with a warning.
+pub fn thread_count(asked: usize) -> Result<i32> {
+    if asked == 0 {
+        bail!("--threads must be at least 1");
+    }
+    if asked > MAX_THREADS {
+        bail!("--threads {asked} is too large (at most {MAX_THREADS}, ggml's limit)");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if asked > cpus {
+        tracing::warn!(
+            "--threads {asked} is more than the {cpus} CPUs this process may use: using {cpus}"
+        );
+    }
+    // At most MAX_THREADS: fits an i32.
+    Ok(asked.min(cpus) as i32)
+}
+
+/// A context size the model and this machine can hold: 1 to [`MAX_CTX`]
+/// tokens, and a KV cache (estimated) no larger than the memory this
+/// process may use, so that llama.cpp is never asked to allocate it (a
+/// 2-billion-token context took it a minute and 8 GiB before it failed).
+fn check_ctx(gguf: &GgufFile, n_ctx: u32) -> Result<()> {
+    if n_ctx == 0 {
+        bail!("--ctx must be at least 1");
+    }
+    if n_ctx > MAX_CTX {
+        bail!("--ctx {n_ctx} is too large (at most {MAX_CTX})");
+    }
+    let kv = crate::scheduler::kv_cache_bytes(gguf, n_ctx);
+    let usable = crate::profiler::memory::usable_now();
+    if usable > 0 && kv > usable {
+        bail!(
+            "--ctx {n_ctx} needs a KV cache of about {}, more than the {} of memory this process may use: lower --ctx",
+            crate::scheduler::format_bytes(kv),
+            crate::scheduler::format_bytes(usable)
+        );
+    }
+    Ok(())
 }
 
 /// Sums streaming counters of several generation phases.

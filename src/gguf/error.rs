@@ -117,7 +117,7 @@ pub enum GgufError {
     },
 
     /// A tensor whose element type id is not a ggml type.
-    #[error("{}: tensor '{tensor}' has unknown ggml type {type_id}", path.display())]
+    #[error("{}: tensor {} has unknown ggml type {type_id}", path.display(), quoted(tensor))]
     UnknownGgmlType {
         /// The file.
         path: PathBuf,
@@ -128,7 +128,7 @@ pub enum GgufError {
     },
 
     /// A tensor with fewer than 1 or more than 4 dimensions.
-    #[error("{}: tensor '{tensor}' has {n_dims} dimensions (must be 1 to 4)", path.display())]
+    #[error("{}: tensor {} has {n_dims} dimensions (must be 1 to 4)", path.display(), quoted(tensor))]
     BadDimensionCount {
         /// The file.
         path: PathBuf,
@@ -140,8 +140,8 @@ pub enum GgufError {
 
     /// A tensor's data starts at or past the end of the file.
     #[error(
-        "{}: tensor '{tensor}' data [{start}, {end}) lies past the end of the file ({file_size} bytes)",
-        path.display()
+        "{}: tensor {} data [{start}, {end}) lies past the end of the file ({file_size} bytes)",
+        path.display(), quoted(tensor)
     )]
     TensorPastEnd {
         /// The file.
@@ -158,8 +158,8 @@ pub enum GgufError {
 
     /// A tensor's data starts inside the file but runs past its end.
     #[error(
-        "{}: truncated in tensor data: tensor '{tensor}' data [{start}, {end}) runs past the end of the file ({file_size} bytes)",
-        path.display()
+        "{}: truncated in tensor data: tensor {} data [{start}, {end}) runs past the end of the file ({file_size} bytes)",
+        path.display(), quoted(tensor)
     )]
     TensorDataTruncated {
         /// The file.
@@ -173,6 +173,31 @@ pub enum GgufError {
         /// The file's size.
         file_size: u64,
     },
+}
+
+/// Most characters of file content one error message quotes (escapes
+/// included).
+pub const MAX_QUOTED_CHARS: usize = 100;
+
+/// File content (a key, a tensor name, a string value) as an error message
+/// quotes it: in single quotes, control characters and quotes escaped (so the
+/// message stays one line), cut after [`MAX_QUOTED_CHARS`] characters with its
+/// length in bytes after it. A hostile file cannot make an error echo itself.
+pub fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(MAX_QUOTED_CHARS + 32);
+    out.push('\'');
+    let mut shown = 0;
+    for (i, c) in s.char_indices() {
+        let esc = c.escape_debug();
+        if shown + esc.len() > MAX_QUOTED_CHARS {
+            out.push_str(&format!("...' ({} bytes, {i} shown)", s.len()));
+            return out;
+        }
+        shown += esc.len();
+        out.extend(esc);
+    }
+    out.push('\'');
+    out
 }
 
 /// A hint when a version looks like 2 or 3 written big-endian.
@@ -200,5 +225,24 @@ impl GgufError {
             op,
             err,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_content_is_escaped_and_cut() {
+        assert_eq!(quoted("blk.0.ffn_up.weight"), "'blk.0.ffn_up.weight'");
+        assert_eq!(quoted("a\nb'"), "'a\\nb\\''");
+        let long = "x".repeat(500_000);
+        let q = quoted(&long);
+        assert!(q.len() < MAX_QUOTED_CHARS + 40, "{q}");
+        assert!(q.ends_with("...' (500000 bytes, 100 shown)"), "{q}");
+        // Escapes count: control bytes cannot stretch the quote.
+        let ctl = "\u{1b}".repeat(1000);
+        assert!(quoted(&ctl).len() < MAX_QUOTED_CHARS + 40);
+        assert!(!quoted(&ctl).contains('\u{1b}'));
     }
 }

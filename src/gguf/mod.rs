@@ -3,7 +3,10 @@
 //!
 //! [`GgufFile::open`] reads only the header, metadata and tensor infos, and
 //! validates the layout against the file size; tensor data is never read, so
-//! opening a 100 GB model costs a few megabytes of I/O.
+//! opening a 100 GB model costs a few megabytes of I/O. It then validates the
+//! model (`validate.rs`): layer indices against the block count, and every
+//! hyper-parameter llama.cpp would abort the process on (`GGML_ASSERT`), so
+//! llama.cpp is only ever handed a file it fails on with an error, if at all.
 
 mod arch;
 mod error;
@@ -12,20 +15,22 @@ mod roles;
 pub mod synth;
 mod tensor;
 mod types;
+mod validate;
 mod value;
 mod writer;
 
 use std::path::{Path, PathBuf};
 
 pub use arch::ArchParams;
-pub use error::{GgufError, Section};
+pub use error::{quoted, GgufError, Section, MAX_QUOTED_CHARS};
 pub use reader::{
-    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_ARRAY_LEN, MAX_DIMS, MAX_KVS, MAX_STRING_LEN,
-    MAX_TENSORS, MAX_TENSOR_NAME_LEN,
+    ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_ARRAY_LEN, MAX_DIMS, MAX_KEY_LEN, MAX_KVS,
+    MAX_STRING_LEN, MAX_TENSORS, MAX_TENSOR_NAME_LEN,
 };
 pub use roles::{classify, TensorRole};
 pub use tensor::TensorInfo;
 pub use types::GgmlType;
+pub use validate::{MAX_EXPERTS, MAX_LAYERS};
 pub use value::{MetaArray, MetaValue, ValueType};
 pub use writer::{GgufWriter, TensorSpec, WRITE_VERSION};
 
@@ -55,6 +60,14 @@ impl GgufFile {
     /// that lie outside the file.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
         reader::open(path)
+    }
+
+    /// Parses and validates a GGUF file held in memory: `prefix` is its first
+    /// bytes (at least the header, metadata and tensor infos; the tensor data
+    /// need not be there) and `file_size` its full size. Errors name `path`
+    /// as [`GgufFile::open`]'s would; no file is touched (tests, fuzzing).
+    pub fn parse_prefix(path: &Path, prefix: &[u8], file_size: u64) -> Result<GgufFile, GgufError> {
+        reader::parse_prefix(path, prefix, file_size)
     }
 
     /// The value of metadata key `key`.

@@ -2,14 +2,17 @@
 //!
 //! Every read is bounds-checked against the file size before it happens and
 //! nothing is allocated from an unchecked count, so a hostile file yields a
-//! [`GgufError`], never a panic or a huge allocation. Tensor data is never read.
+//! [`GgufError`], never a panic or a huge allocation: what is allocated is
+//! bounded by a small multiple of the bytes actually read. Tensor data is
+//! never read. Error messages quote file content through [`quoted`] (at most
+//! 100 characters, escaped), so they stay one short line.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use super::error::{GgufError, Section};
+use super::error::{quoted, GgufError, Section};
 use super::roles::classify;
 use super::tensor::TensorInfo;
 use super::types::GgmlType;
@@ -28,6 +31,8 @@ pub const MAX_TENSORS: u64 = 1_000_000;
 pub const MAX_KVS: u64 = 1_000_000;
 /// Longest string (key, value or tensor name) accepted, in bytes.
 pub const MAX_STRING_LEN: u64 = 64 << 20;
+/// Longest metadata key accepted, in bytes (the GGUF specification's limit).
+pub const MAX_KEY_LEN: u64 = 65535;
 /// Most elements one metadata array may have.
 pub const MAX_ARRAY_LEN: u64 = 1 << 32;
 /// Longest tensor name llama.cpp accepts (`GGML_MAX_NAME - 1`).
@@ -43,18 +48,21 @@ const MIN_KV_SIZE: u64 = 8 + 4 + 1;
 const MAX_PREALLOC: usize = 1 << 16;
 
 /// A bounds-checked little-endian reader over a file of known size.
-struct Reader {
-    inner: BufReader<File>,
+struct Reader<R> {
+    inner: R,
     path: PathBuf,
     pos: u64,
     file_size: u64,
+    /// Bytes that can be read: the file size, or fewer when only a prefix of
+    /// the file is in memory ([`parse_prefix`]).
+    avail: u64,
     section: Section,
 }
 
-impl Reader {
+impl<R: Read> Reader<R> {
     /// Bytes left after the current position.
     fn remaining(&self) -> u64 {
-        self.file_size.saturating_sub(self.pos)
+        self.avail.saturating_sub(self.pos)
     }
 
     /// A truncation error at the current position.
@@ -111,21 +119,22 @@ impl Reader {
         self.array().map(u64::from_le_bytes)
     }
 
-    /// A length-prefixed string; `what` names it in errors. Invalid UTF-8 is
-    /// replaced, not rejected (llama.cpp does not validate it either).
-    fn string(&mut self, what: &dyn Fn() -> String) -> Result<String, GgufError> {
+    /// A length-prefixed string of at most `max` bytes; `what` names it in
+    /// errors. Invalid UTF-8 is replaced, not rejected (llama.cpp does not
+    /// validate it either).
+    fn string(&mut self, max: u64, what: &dyn Fn() -> String) -> Result<String, GgufError> {
         let start = self.pos;
         let len = self.u64()?;
-        if len > MAX_STRING_LEN {
+        if len > max {
             return Err(GgufError::Absurd {
                 path: self.path.clone(),
                 what: format!("length of {} at byte {start}:", what()),
                 value: len,
-                max: MAX_STRING_LEN,
+                max,
             });
         }
         self.need(len)?;
-        // `len` is at most MAX_STRING_LEN and present in the file: safe to allocate.
+        // `len` is at most `max` and present in the file: safe to allocate.
         let mut buf = vec![0u8; len as usize];
         self.fill(&mut buf)?;
         Ok(String::from_utf8(buf)
@@ -146,11 +155,43 @@ impl Reader {
 pub(crate) fn open(path: &Path) -> Result<GgufFile, GgufError> {
     let file_size = check_path(path)?;
     let file = File::open(path).map_err(|e| GgufError::io(path, "open", e))?;
+    // Never more buffer than the file has bytes.
+    let buf = usize::try_from(file_size.min(1 << 20)).unwrap_or(1 << 20);
+    let reader = BufReader::with_capacity(buf, file);
+    parse(path, reader, file_size, file_size)
+}
+
+/// Parses the first `prefix.len()` bytes of a GGUF file of `file_size`
+/// bytes, held in memory (the header, metadata and tensor infos: tensor data
+/// need not be there), and validates it as [`open`] does; errors name `path`.
+/// For tests and fuzzing: no file is touched.
+pub(crate) fn parse_prefix(
+    path: &Path,
+    prefix: &[u8],
+    file_size: u64,
+) -> Result<GgufFile, GgufError> {
+    if file_size == 0 {
+        return Err(GgufError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    let avail = (prefix.len() as u64).min(file_size);
+    parse(path, prefix, file_size, avail)
+}
+
+/// Parses from `inner`, of which `avail` bytes can be read.
+fn parse<R: Read>(
+    path: &Path,
+    inner: R,
+    file_size: u64,
+    avail: u64,
+) -> Result<GgufFile, GgufError> {
     let mut r = Reader {
-        inner: BufReader::with_capacity(1 << 20, file),
+        inner,
         path: path.to_path_buf(),
         pos: 0,
         file_size,
+        avail,
         section: Section::Header,
     };
     let (version, n_tensors, n_kv) = read_header(&mut r)?;
@@ -162,7 +203,7 @@ pub(crate) fn open(path: &Path) -> Result<GgufFile, GgufError> {
     let data_offset = align_up(r.pos, alignment)
         .ok_or_else(|| GgufError::invalid(path, "data section offset overflows"))?;
     let tensors = place_tensors(path, raw, data_offset, file_size)?;
-    Ok(GgufFile {
+    let file = GgufFile {
         path: path.to_path_buf(),
         version,
         alignment,
@@ -170,7 +211,9 @@ pub(crate) fn open(path: &Path) -> Result<GgufFile, GgufError> {
         file_size,
         metadata,
         tensors,
-    })
+    };
+    super::validate::check(&file)?;
+    Ok(file)
 }
 
 /// The file's size, after rejecting missing paths, directories and empty files.
@@ -195,7 +238,7 @@ fn check_path(path: &Path) -> Result<u64, GgufError> {
 }
 
 /// Magic, version, tensor count and KV count.
-fn read_header(r: &mut Reader) -> Result<(u32, u64, u64), GgufError> {
+fn read_header<R: Read>(r: &mut Reader<R>) -> Result<(u32, u64, u64), GgufError> {
     read_magic(r)?;
     let version = r.u32()?;
     if version != 2 && version != 3 {
@@ -212,7 +255,7 @@ fn read_header(r: &mut Reader) -> Result<(u32, u64, u64), GgufError> {
 }
 
 /// Checks the magic; a short file whose bytes do start like `GGUF` is truncated.
-fn read_magic(r: &mut Reader) -> Result<(), GgufError> {
+fn read_magic<R: Read>(r: &mut Reader<R>) -> Result<(), GgufError> {
     let avail = r.remaining().min(4) as usize;
     let mut magic = [0u8; 4];
     r.fill(&mut magic[..avail])?;
@@ -228,7 +271,7 @@ fn read_magic(r: &mut Reader) -> Result<(), GgufError> {
     Ok(())
 }
 
-fn check_count(r: &Reader, what: &str, value: u64, max: u64) -> Result<(), GgufError> {
+fn check_count<R: Read>(r: &Reader<R>, what: &str, value: u64, max: u64) -> Result<(), GgufError> {
     if value > max {
         return Err(GgufError::Absurd {
             path: r.path.clone(),
@@ -241,12 +284,15 @@ fn check_count(r: &Reader, what: &str, value: u64, max: u64) -> Result<(), GgufE
 }
 
 /// All metadata pairs, rejecting empty and duplicate keys.
-fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Vec<(String, MetaValue)>, GgufError> {
+fn read_metadata<R: Read>(
+    r: &mut Reader<R>,
+    n_kv: u64,
+) -> Result<Vec<(String, MetaValue)>, GgufError> {
     r.need_items(n_kv, MIN_KV_SIZE)?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity((n_kv as usize).min(MAX_PREALLOC));
     for i in 0..n_kv {
-        let key = r.string(&|| format!("metadata key #{i}"))?;
+        let key = r.string(MAX_KEY_LEN, &|| format!("metadata key #{i}"))?;
         if key.is_empty() {
             return Err(GgufError::invalid(
                 &r.path,
@@ -256,7 +302,7 @@ fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Vec<(String, MetaValue)>, 
         if !seen.insert(key.clone()) {
             return Err(GgufError::invalid(
                 &r.path,
-                format!("duplicate metadata key '{key}'"),
+                format!("duplicate metadata key {}", quoted(&key)),
             ));
         }
         let value = read_value(r, &key)?;
@@ -266,18 +312,18 @@ fn read_metadata(r: &mut Reader, n_kv: u64) -> Result<Vec<(String, MetaValue)>, 
 }
 
 /// The value type id at the current position, for key `key`.
-fn read_value_type(r: &mut Reader, key: &str) -> Result<ValueType, GgufError> {
+fn read_value_type<R: Read>(r: &mut Reader<R>, key: &str) -> Result<ValueType, GgufError> {
     let id = r.u32()?;
     ValueType::from_u32(id).ok_or_else(|| {
         GgufError::invalid(
             &r.path,
-            format!("metadata key '{key}' has unknown value type {id}"),
+            format!("metadata key {} has unknown value type {id}", quoted(key)),
         )
     })
 }
 
 /// One value (scalar or array) of key `key`.
-fn read_value(r: &mut Reader, key: &str) -> Result<MetaValue, GgufError> {
+fn read_value<R: Read>(r: &mut Reader<R>, key: &str) -> Result<MetaValue, GgufError> {
     match read_value_type(r, key)? {
         ValueType::Array => read_array(r, key).map(MetaValue::Array),
         t => read_scalar(r, t, key),
@@ -285,7 +331,11 @@ fn read_value(r: &mut Reader, key: &str) -> Result<MetaValue, GgufError> {
 }
 
 /// A scalar of type `t` (never `Array`).
-fn read_scalar(r: &mut Reader, t: ValueType, key: &str) -> Result<MetaValue, GgufError> {
+fn read_scalar<R: Read>(
+    r: &mut Reader<R>,
+    t: ValueType,
+    key: &str,
+) -> Result<MetaValue, GgufError> {
     Ok(match t {
         ValueType::U8 => MetaValue::U8(r.u8()?),
         ValueType::I8 => MetaValue::I8(i8::from_le_bytes(r.array()?)),
@@ -295,34 +345,34 @@ fn read_scalar(r: &mut Reader, t: ValueType, key: &str) -> Result<MetaValue, Ggu
         ValueType::I32 => MetaValue::I32(i32::from_le_bytes(r.array()?)),
         ValueType::F32 => MetaValue::F32(f32::from_le_bytes(r.array()?)),
         ValueType::Bool => MetaValue::Bool(r.u8()? != 0),
-        ValueType::String => {
-            MetaValue::String(r.string(&|| format!("string value of key '{key}'"))?)
-        }
+        ValueType::String => MetaValue::String(r.string(MAX_STRING_LEN, &|| {
+            format!("string value of key {}", quoted(key))
+        })?),
         ValueType::U64 => MetaValue::U64(r.u64()?),
         ValueType::I64 => MetaValue::I64(i64::from_le_bytes(r.array()?)),
         ValueType::F64 => MetaValue::F64(f64::from_le_bytes(r.array()?)),
         ValueType::Array => {
             return Err(GgufError::invalid(
                 &r.path,
-                format!("metadata key '{key}' is a nested array"),
+                format!("metadata key {} is a nested array", quoted(key)),
             ))
         }
     })
 }
 
 /// An array: element type, length, then the elements.
-fn read_array(r: &mut Reader, key: &str) -> Result<MetaArray, GgufError> {
+fn read_array<R: Read>(r: &mut Reader<R>, key: &str) -> Result<MetaArray, GgufError> {
     let elem = read_value_type(r, key)?;
     let mut arr = MetaArray::empty(elem).ok_or_else(|| {
         GgufError::invalid(
             &r.path,
-            format!("metadata key '{key}' is an array of arrays"),
+            format!("metadata key {} is an array of arrays", quoted(key)),
         )
     })?;
     let n = r.u64()?;
     check_count(
         r,
-        &format!("array length of key '{key}':"),
+        &format!("array length of key {}:", quoted(key)),
         n,
         MAX_ARRAY_LEN,
     )?;
@@ -334,7 +384,7 @@ fn read_array(r: &mut Reader, key: &str) -> Result<MetaArray, GgufError> {
 }
 
 /// Reads one element into `arr`, whose variant fixes the element type.
-fn push_elem(r: &mut Reader, arr: &mut MetaArray, key: &str) -> Result<(), GgufError> {
+fn push_elem<R: Read>(r: &mut Reader<R>, arr: &mut MetaArray, key: &str) -> Result<(), GgufError> {
     let v = read_scalar(r, arr.elem_type(), key)?;
     match (arr, v) {
         (MetaArray::U8(a), MetaValue::U8(x)) => a.push(x),
@@ -353,7 +403,7 @@ fn push_elem(r: &mut Reader, arr: &mut MetaArray, key: &str) -> Result<(), GgufE
         _ => {
             return Err(GgufError::invalid(
                 &r.path,
-                format!("metadata key '{key}': array element type mismatch"),
+                format!("metadata key {}: array element type mismatch", quoted(key)),
             ))
         }
     }
@@ -393,8 +443,8 @@ struct RawTensor {
 }
 
 /// All tensor infos, each validated on its own (name, shape, type, size, alignment).
-fn read_tensor_infos(
-    r: &mut Reader,
+fn read_tensor_infos<R: Read>(
+    r: &mut Reader<R>,
     n_tensors: u64,
     alignment: u64,
 ) -> Result<Vec<RawTensor>, GgufError> {
@@ -406,7 +456,7 @@ fn read_tensor_infos(
         if !seen.insert(t.name.clone()) {
             return Err(GgufError::invalid(
                 &r.path,
-                format!("duplicate tensor name '{}'", t.name),
+                format!("duplicate tensor name {}", quoted(&t.name)),
             ));
         }
         out.push(t);
@@ -414,8 +464,12 @@ fn read_tensor_infos(
     Ok(out)
 }
 
-fn read_tensor_info(r: &mut Reader, index: u64, alignment: u64) -> Result<RawTensor, GgufError> {
-    let name = r.string(&|| format!("tensor #{index} name"))?;
+fn read_tensor_info<R: Read>(
+    r: &mut Reader<R>,
+    index: u64,
+    alignment: u64,
+) -> Result<RawTensor, GgufError> {
+    let name = r.string(MAX_STRING_LEN, &|| format!("tensor #{index} name"))?;
     check_tensor_name(&r.path, &name, index)?;
     let dims = read_dims(r, &name)?;
     let type_id = r.u32()?;
@@ -429,7 +483,10 @@ fn read_tensor_info(r: &mut Reader, index: u64, alignment: u64) -> Result<RawTen
     if !rel_offset.is_multiple_of(alignment) {
         return Err(GgufError::invalid(
             &r.path,
-            format!("tensor '{name}' offset {rel_offset} is not a multiple of the alignment {alignment}"),
+            format!(
+                "tensor {} offset {rel_offset} is not a multiple of the alignment {alignment}",
+                quoted(&name)
+            ),
         ));
     }
     Ok(RawTensor {
@@ -453,7 +510,8 @@ fn check_tensor_name(path: &Path, name: &str, index: u64) -> Result<(), GgufErro
         return Err(GgufError::invalid(
             path,
             format!(
-                "tensor name '{shown}...' is too long ({} bytes, max {MAX_TENSOR_NAME_LEN})",
+                "tensor name {}... is too long ({} bytes, max {MAX_TENSOR_NAME_LEN})",
+                quoted(&shown),
                 name.len()
             ),
         ));
@@ -462,7 +520,7 @@ fn check_tensor_name(path: &Path, name: &str, index: u64) -> Result<(), GgufErro
 }
 
 /// `n_dims` then the dims; each at least 1, at most `i64::MAX` in product.
-fn read_dims(r: &mut Reader, name: &str) -> Result<Vec<u64>, GgufError> {
+fn read_dims<R: Read>(r: &mut Reader<R>, name: &str) -> Result<Vec<u64>, GgufError> {
     let n_dims = r.u32()?;
     if n_dims == 0 || n_dims > MAX_DIMS {
         return Err(GgufError::BadDimensionCount {
@@ -478,7 +536,7 @@ fn read_dims(r: &mut Reader, name: &str) -> Result<Vec<u64>, GgufError> {
         if d == 0 {
             return Err(GgufError::invalid(
                 &r.path,
-                format!("tensor '{name}' dimension {j} is 0"),
+                format!("tensor {} dimension {j} is 0", quoted(name)),
             ));
         }
         elems = elems
@@ -487,7 +545,10 @@ fn read_dims(r: &mut Reader, name: &str) -> Result<Vec<u64>, GgufError> {
             .ok_or_else(|| {
                 GgufError::invalid(
                     &r.path,
-                    format!("tensor '{name}' has too many elements (shape overflows)"),
+                    format!(
+                        "tensor {} has too many elements (shape overflows)",
+                        quoted(name)
+                    ),
                 )
             })?;
         dims.push(d);
@@ -502,13 +563,18 @@ fn tensor_size(path: &Path, name: &str, t: GgmlType, dims: &[u64]) -> Result<u64
         return Err(GgufError::invalid(
             path,
             format!(
-                "tensor '{name}' of type {t} has {ne0} elements per row, not a multiple of its block size {}",
+                "tensor {} of type {t} has {ne0} elements per row, not a multiple of its block size {}",
+                quoted(name),
                 t.block_size()
             ),
         ));
     }
-    t.tensor_size(dims)
-        .ok_or_else(|| GgufError::invalid(path, format!("tensor '{name}' size in bytes overflows")))
+    t.tensor_size(dims).ok_or_else(|| {
+        GgufError::invalid(
+            path,
+            format!("tensor {} size in bytes overflows", quoted(name)),
+        )
+    })
 }
 
 /// `x` rounded up to a multiple of `align` (a power of two); `None` on overflow.
@@ -567,7 +633,11 @@ fn check_layout(path: &Path, tensors: &[TensorInfo], file_size: u64) -> Result<(
             if a.end() > b.offset {
                 return Err(GgufError::invalid(
                     path,
-                    format!("tensors '{}' and '{}' overlap", a.name, b.name),
+                    format!(
+                        "tensors {} and {} overlap",
+                        quoted(&a.name),
+                        quoted(&b.name)
+                    ),
                 ));
             }
         }

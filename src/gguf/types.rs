@@ -134,6 +134,14 @@ impl GgmlType {
         !matches!(self, F32 | F16 | BF16 | F64 | I8 | I16 | I32 | I64)
     }
 
+    /// Whether ggml's CPU backend can multiply a matrix of this type (it has
+    /// a `vec_dot`); the integer types, F64 and the activation-only Q8_1 and
+    /// Q8_K do not, and ggml crashes on them mid-computation.
+    pub fn has_cpu_matmul(self) -> bool {
+        use GgmlType::*;
+        !matches!(self, I8 | I16 | I32 | I64 | F64 | Q8_1 | Q8_K)
+    }
+
     /// Bytes of one row of `ne0` elements; `None` if `ne0` is not a whole
     /// number of blocks or the size overflows.
     pub fn row_size(self, ne0: u64) -> Option<u64> {

@@ -167,6 +167,9 @@ pub struct Simulate {
     pub direct_refused: bool,
     /// Fixed-buffer registration fails with ENOMEM (as under a small RLIMIT_MEMLOCK).
     pub register_buffers_fails: bool,
+    /// Starting an I/O thread fails with EAGAIN (as at RLIMIT_NPROC): the
+    /// io_uring driver, or the last pread worker.
+    pub thread_spawn_fails: bool,
 }
 
 /// What a reader is actually doing, after fallbacks.
@@ -347,10 +350,11 @@ pub fn open_reader(path: &Path, opts: &IoOptions) -> Result<Box<dyn ReadBackend>
         if opts.backend != Backend::Pread {
             match uring::UringReader::new(opened, opts, &mut fallbacks) {
                 Ok(r) => return Ok(Box::new(r)),
-                Err((e, _)) if opts.backend == Backend::Uring => {
+                Err(uring::UringError::Spawn(e)) => return Err(e),
+                Err(uring::UringError::Unavailable(e, _)) if opts.backend == Backend::Uring => {
                     return Err(IoError::UringUnavailable(e));
                 }
-                Err((e, back)) => {
+                Err(uring::UringError::Unavailable(e, back)) => {
                     opened = back;
                     warn_once(
                         &URING_WARNED,

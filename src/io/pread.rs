@@ -52,10 +52,17 @@ impl PreadReader {
         };
         for i in 0..opts.queue_depth {
             let sh = reader.shared.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("hypura-pread-{i}"))
-                .spawn(move || worker(&sh))
-                .map_err(|e| IoError::Engine(format!("spawning pread worker: {e}")))?;
+            let h = if opts.simulate.thread_spawn_fails && i + 1 == opts.queue_depth {
+                Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+            } else {
+                std::thread::Builder::new()
+                    .name(format!("hypura-pread-{i}"))
+                    .spawn(move || worker(&sh))
+            };
+            // On failure the workers already started are stopped and joined
+            // when `reader` drops.
+            let h =
+                h.map_err(|e| IoError::Engine(format!("cannot start pread worker {i}: {e}")))?;
             reader.workers.push(h);
         }
         Ok(reader)

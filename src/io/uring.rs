@@ -39,16 +39,25 @@ pub(crate) struct UringReader {
     opts: IoOptions,
 }
 
+/// Why an io_uring reader could not be made.
+pub(crate) enum UringError {
+    /// The kernel refused io_uring: the file is handed back for the fallback.
+    Unavailable(std::io::Error, OpenedFile),
+    /// The driver thread could not be started (a thread limit): an error to
+    /// report, not a reason to fall back (the pread pool needs threads too).
+    Spawn(IoError),
+}
+
 impl UringReader {
-    /// Sets up the ring; on failure the file is handed back for the fallback.
+    /// Sets up the ring and starts its driver thread.
     pub fn new(
         first: OpenedFile,
         opts: &IoOptions,
         fallbacks: &mut Vec<String>,
-    ) -> Result<UringReader, (std::io::Error, OpenedFile)> {
+    ) -> Result<UringReader, UringError> {
         match setup(&first, opts) {
-            Ok((ring, wake)) => Ok(Self::start(ring, wake, first, opts, fallbacks)),
-            Err(e) => Err((e, first)),
+            Ok((ring, wake)) => Self::start(ring, wake, first, opts, fallbacks),
+            Err(e) => Err(UringError::Unavailable(e, first)),
         }
     }
 
@@ -58,7 +67,7 @@ impl UringReader {
         first: OpenedFile,
         opts: &IoOptions,
         fallbacks: &mut Vec<String>,
-    ) -> UringReader {
+    ) -> Result<UringReader, UringError> {
         // Fixed files: a sparse table so later shards can be added; else just this file.
         let mut fds = [-1 as RawFd; MAX_FILES];
         fds[0] = first.fd();
@@ -96,17 +105,26 @@ impl UringReader {
         let wake_fd = wake.as_raw_fd();
         let qd = opts.queue_depth;
         let simulate_reg_fail = opts.simulate.register_buffers_fails;
-        let driver = std::thread::Builder::new()
-            .name("hypura-uring".into())
-            .spawn(move || Driver::new(ring, sh, wake_fd, qd, simulate_reg_fail).run())
-            .expect("spawning the io_uring driver thread");
-        UringReader {
+        let driver = if opts.simulate.thread_spawn_fails {
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        } else {
+            std::thread::Builder::new()
+                .name("hypura-uring".into())
+                .spawn(move || Driver::new(ring, sh, wake_fd, qd, simulate_reg_fail).run())
+        };
+        // On failure the closure (ring, table, file) has been dropped.
+        let driver = driver.map_err(|e| {
+            UringError::Spawn(IoError::Engine(format!(
+                "cannot start the io_uring driver thread: {e}"
+            )))
+        })?;
+        Ok(UringReader {
             shared,
             driver: Some(driver),
             wake,
             info,
             opts: opts.clone(),
-        }
+        })
     }
 
     fn kick(&self) {

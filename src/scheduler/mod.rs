@@ -49,13 +49,24 @@ pub use size::{format_bytes, parse_size, parse_size_arg};
 /// 512-token batch), and 5% of the card.
 pub fn gpu_headroom(gguf: &GgufFile, n_ctx: u32, total: u64) -> u64 {
     let p = gguf.arch_params();
+    let logits = 512 * p.vocab_size.unwrap_or(0) as u64 * 4;
+    kv_cache_bytes(gguf, n_ctx)
+        .saturating_add(logits)
+        .saturating_add(512 << 20)
+        .saturating_add(total / 20)
+}
+
+/// The KV cache of `n_ctx` tokens, f16 K and V on every layer (an estimate:
+/// heads of `embedding_length / head_count`, no sliding windows). Saturates.
+pub fn kv_cache_bytes(gguf: &GgufFile, n_ctx: u32) -> u64 {
+    let p = gguf.arch_params();
     let n_layer = p.n_layer.unwrap_or(0) as u64;
     let embd = p.n_embd.unwrap_or(0) as u64;
     let heads = p.n_head.unwrap_or(1).max(1) as u64;
     let kv_heads = p.n_head_kv.unwrap_or(heads as u32) as u64;
-    let kv = 2 * n_layer * n_ctx as u64 * (embd / heads) * kv_heads * 2;
-    let logits = 512 * p.vocab_size.unwrap_or(0) as u64 * 4;
-    kv + logits + (512 << 20) + total / 20
+    [n_layer, u64::from(n_ctx), embd / heads, kv_heads, 2]
+        .iter()
+        .fold(2u64, |acc, &x| acc.saturating_mul(x))
 }
 
 /// The default context size: min(4096, the model's training context).

@@ -247,6 +247,14 @@ impl Plan {
         let model_bytes: u64 = g.tensors.iter().map(|t| t.size).sum();
         let has_experts = g.tensors.iter().any(|t| t.role.is_experts());
         let has_dense_ffn = g.tensors.iter().any(|t| t.role.is_dense_ffn());
+        // Deeper than the model has layers means nothing (and the pool
+        // arithmetic below multiplies by it).
+        let n_layers = g.arch_params().n_layer.unwrap_or(0).max(g.layer_count());
+        if let Some(l) = input.lookahead.filter(|&l| l > n_layers as usize) {
+            bail!(
+                "--lookahead {l} is more than the model's {n_layers} layers (at most {n_layers})"
+            );
+        }
         if let Some(m) = input.mode {
             if m.on_gpu() && input.gpu.is_none() {
                 bail!(
@@ -377,7 +385,7 @@ impl Plan {
             .iter()
             .filter_map(|t| t.layer)
             .max()
-            .map_or(0, |l| l + 1) as usize;
+            .map_or(0, |l| l as usize + 1);
         // Per layer: FFN bytes, the host slot its aligned reads need, and the
         // device slot it needs.
         let mut ffn = vec![0u64; n_layer];
@@ -427,12 +435,13 @@ impl Plan {
         // when the device computes on host memory: the slots are that memory).
         // Staged: reads run ahead in host slots; the device needs only the
         // layer computing and the one being copied (two slots).
+        // Saturating: a slot count comes from a lookahead.
         let gpu_pool = |n_slots: u64| {
             if on_gpu {
                 if direct {
-                    n_slots * slot_bytes
+                    n_slots.saturating_mul(slot_bytes)
                 } else {
-                    n_slots.min(2) * dslot_bytes + max_tensor
+                    (n_slots.min(2) * dslot_bytes).saturating_add(max_tensor)
                 }
             } else {
                 0
@@ -442,7 +451,7 @@ impl Plan {
             if on_gpu && direct {
                 0
             } else {
-                n_slots * slot_bytes
+                n_slots.saturating_mul(slot_bytes)
             }
         };
         let gpu_left = gpu.map_or(0, |g| g.budget - gpu_base);
@@ -454,8 +463,8 @@ impl Plan {
         };
         let mut lookahead = input.lookahead.unwrap_or(default_l);
         let fits = |l: usize| {
-            let n = l as u64 + 1;
-            ram_base + ram_pool(n) <= input.ram_budget && gpu_pool(n) <= gpu_left
+            let n = (l as u64).saturating_add(1);
+            ram_base.saturating_add(ram_pool(n)) <= input.ram_budget && gpu_pool(n) <= gpu_left
         };
         if !fits(0) {
             if on_gpu && gpu_pool(1) > gpu_left {
@@ -484,7 +493,7 @@ impl Plan {
             if input.lookahead.is_some() {
                 bail!(
                     "the budget cannot hold lookahead {lookahead}: {} slots of {} (RAM budget {}, GPU budget {})",
-                    lookahead + 1,
+                    lookahead.saturating_add(1),
                     format_bytes(if on_gpu { dslot_bytes } else { slot_bytes }),
                     format_bytes(input.ram_budget),
                     format_bytes(gpu.map_or(0, |g| g.budget))
@@ -499,7 +508,7 @@ impl Plan {
         // GpuDense, in RAM otherwise), spread evenly so that the disk keeps
         // reading while pinned layers compute. With a GPU every layer may be
         // pinned (nothing streams); without one, the model did not fit RAM.
-        let n_slots_max = (lookahead + 1) as u64;
+        let n_slots_max = (lookahead as u64).saturating_add(1);
         let mut m = ffn_layers.len();
         let pinned = loop {
             let cand = spread(&ffn_layers, m);
@@ -507,10 +516,10 @@ impl Plan {
             let n = n_slots_max.min(n_streamed);
             let pinned_bytes: u64 = cand.iter().map(|&l| ffn[l as usize]).sum();
             let ok = if on_gpu {
-                gpu_base + pinned_bytes + gpu_pool(n) <= gpu.map_or(0, |g| g.budget)
-                    && ram_base + ram_pool(n) <= input.ram_budget
+                (gpu_base + pinned_bytes).saturating_add(gpu_pool(n)) <= gpu.map_or(0, |g| g.budget)
+                    && ram_base.saturating_add(ram_pool(n)) <= input.ram_budget
             } else {
-                ram_base + pinned_bytes + ram_pool(n) <= input.ram_budget
+                (ram_base + pinned_bytes).saturating_add(ram_pool(n)) <= input.ram_budget
             };
             if ok && (n_streamed > 0 || gpu.is_some()) {
                 break cand;
@@ -525,7 +534,7 @@ impl Plan {
             .copied()
             .filter(|l| !pinned.contains(l))
             .collect();
-        let n_slots = (lookahead + 1).min(streamed_layers.len());
+        let n_slots = lookahead.saturating_add(1).min(streamed_layers.len());
         let streamed: Vec<StreamedTensor> = g
             .tensors
             .iter()
@@ -541,7 +550,7 @@ impl Plan {
         let ram_layers: Vec<u32> = if on_gpu && !direct {
             let left = input
                 .ram_budget
-                .saturating_sub(ram_base + ram_pool(n_slots as u64));
+                .saturating_sub(ram_base.saturating_add(ram_pool(n_slots as u64)));
             let mut m = streamed_layers.len();
             loop {
                 let cand = spread(&streamed_layers, m);
@@ -646,8 +655,10 @@ impl Plan {
         let lookahead = input.lookahead.unwrap_or(1);
         // The RAM pool must hold one layer's selected experts plus the
         // prefetched layers'; everything else of the budget is expert cache.
-        let min_pool = k * max_layer_expert * (lookahead as u64 + 1);
-        if input.ram_budget < ram_base + min_pool {
+        let min_pool = k
+            .saturating_mul(max_layer_expert)
+            .saturating_mul((lookahead as u64).saturating_add(1));
+        if input.ram_budget < ram_base.saturating_add(min_pool) {
             bail!(
                 "RAM budget {} is too small for this model: its non-expert tensors need {} and the expert pool at least {}",
                 format_bytes(input.ram_budget),
@@ -657,7 +668,10 @@ impl Plan {
         }
         let pool_bytes = (input.ram_budget - ram_base)
             .min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);
-        let per_token: u64 = layers.iter().map(|&l| k * layer_expert_bytes(l)).sum();
+        let per_token: u64 = layers
+            .iter()
+            .map(|&l| k.saturating_mul(layer_expert_bytes(l)))
+            .fold(0, u64::saturating_add);
         let mut gpu_plan = gpu.map(|gi| Self::gpu_plan(gi, gpu_base));
         // A device that computes on host memory uses the RAM cache itself.
         if let (Some(gp), Mode::GpuExperts) = (gpu_plan.as_mut().filter(|g| !g.direct), mode) {

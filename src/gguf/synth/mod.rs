@@ -20,10 +20,7 @@ pub use vocab::{Vocab, BOS_ID, EOS_ID, MIN_VOCAB, UNK_ID};
 
 use super::{GgmlType, GgufError, GgufWriter};
 
-/// llama.cpp's `LLAMA_MAX_LAYERS`.
-pub const MAX_LAYERS: u32 = 512;
-/// llama.cpp's `LLAMA_MAX_EXPERTS`.
-pub const MAX_EXPERTS: u32 = 1024;
+pub use super::validate::{MAX_EXPERTS, MAX_LAYERS};
 /// Half-width of the noise on norm weights.
 const NORM_NOISE: f32 = 0.01;
 
