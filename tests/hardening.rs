@@ -322,6 +322,11 @@ fn hyper_parameters_llama_cpp_aborts_on_are_refused() {
             &["qwen3moe.expert_count 2000 is more than 1024"],
         ),
         (
+            "nocount.gguf",
+            |k| k.retain(|(n, _)| !n.starts_with("qwen3moe.expert_")),
+            &["tensor 'blk.0.ffn_gate_exps.weight' holds routed experts, but qwen3moe.expert_count is 0 or absent"],
+        ),
+        (
             "groups.gguf",
             |k| set(k, "qwen3moe.expert_group_count", 3u32),
             &["qwen3moe.expert_count 8 is not a multiple of qwen3moe.expert_group_count 3"],

@@ -264,6 +264,17 @@ impl<'a> Check<'a> {
             if groups != 0 {
                 return fail(format!("{kg} {groups} without experts ({kc} is 0)"));
             }
+            // Stacked experts need a count to route over (the scheduler
+            // streams them by it).
+            let supported = self.arch.is_some_and(|a| SUPPORTED.contains(&a));
+            if let Some(t) = self.f.tensors.iter().find(|t| t.n_experts().is_some()) {
+                if supported {
+                    return fail(format!(
+                        "tensor {} holds routed experts, but {kc} is 0 or absent",
+                        quoted(&t.name)
+                    ));
+                }
+            }
             return Ok(());
         }
         if used == 0 {
