@@ -322,6 +322,11 @@ fn hyper_parameters_llama_cpp_aborts_on_are_refused() {
             &["qwen3moe.expert_count 2000 is more than 1024"],
         ),
         (
+            "nocount.gguf",
+            |k| k.retain(|(n, _)| !n.starts_with("qwen3moe.expert_")),
+            &["tensor 'blk.0.ffn_gate_exps.weight' holds routed experts, but qwen3moe.expert_count is 0 or absent"],
+        ),
+        (
             "groups.gguf",
             |k| set(k, "qwen3moe.expert_group_count", 3u32),
             &["qwen3moe.expert_count 8 is not a multiple of qwen3moe.expert_group_count 3"],
@@ -350,7 +355,19 @@ fn hyper_parameters_llama_cpp_aborts_on_are_refused() {
     let p = rewrite(&llama, "normf16.gguf", |_| {}, |ts| ts[1].1 = GgmlType::F16);
     refused(
         &p,
-        &["tensor 'blk.0.attn_norm.weight' is a norm of type f16; norms must be f32"],
+        &["tensor 'blk.0.attn_norm.weight' is a vector (a norm or a bias) of type f16; vectors must be f32"],
+    );
+    let p = rewrite(
+        &llama,
+        "i32bias.gguf",
+        |_| {},
+        |ts| {
+            ts.push(("blk.0.attn_q.bias".into(), GgmlType::I32, vec![128]));
+        },
+    );
+    refused(
+        &p,
+        &["tensor 'blk.0.attn_q.bias' is a vector (a norm or a bias) of type i32"],
     );
     let p = rewrite(
         &llama,

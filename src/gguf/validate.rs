@@ -18,7 +18,8 @@
 //!   qwen2, qwen3, qwen3moe, gemma3): embedding and head sizes, the RoPE
 //!   dimension, every tensor shape the graph depends on (attention, dense
 //!   FFN, experts, router, norms) against the metadata, and tensor types
-//!   ggml can compute with (f32 norms, matrices with a dot product).
+//!   ggml can compute with (f32 norms and biases, matrices with a dot
+//!   product).
 //!
 //! A check runs only when its keys are present: a file with no
 //! `general.architecture` (a bare tensor container) is checked for layer
@@ -264,6 +265,17 @@ impl<'a> Check<'a> {
             if groups != 0 {
                 return fail(format!("{kg} {groups} without experts ({kc} is 0)"));
             }
+            // Stacked experts need a count to route over (the scheduler
+            // streams them by it).
+            let supported = self.arch.is_some_and(|a| SUPPORTED.contains(&a));
+            if let Some(t) = self.f.tensors.iter().find(|t| t.n_experts().is_some()) {
+                if supported {
+                    return fail(format!(
+                        "tensor {} holds routed experts, but {kc} is 0 or absent",
+                        quoted(&t.name)
+                    ));
+                }
+            }
             return Ok(());
         }
         if used == 0 {
@@ -415,18 +427,15 @@ struct Sizes<'a> {
 }
 
 impl Check<'_> {
-    /// Weights in types the graph can compute with: norms in F32 (ggml
-    /// asserts on others mid-computation), matrices in a type with a CPU dot
+    /// Tensors in types the graph can compute with: vectors (norms, biases)
+    /// in F32 (ggml asserts on others mid-computation, an i32 bias included:
+    /// it is as large as an f32 one), matrices in a type with a CPU dot
     /// product.
     fn types(&self) -> Result<(), GgufError> {
         for t in &self.f.tensors {
-            let Some(base) = t.name.strip_suffix(".weight") else {
-                continue;
-            };
-            let norm = t.dims.len() == 1 && base.ends_with("norm");
-            if norm && t.ggml_type != GgmlType::F32 {
+            if t.dims.len() == 1 && t.ggml_type != GgmlType::F32 {
                 return Err(self.f.bad(format!(
-                    "tensor {} is a norm of type {}; norms must be f32",
+                    "tensor {} is a vector (a norm or a bias) of type {}; vectors must be f32",
                     quoted(&t.name),
                     t.ggml_type
                 )));
