@@ -8,7 +8,6 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -17,35 +16,15 @@ use serde::Serialize;
 
 use crate::report::RunReport;
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigint(_: libc::c_int) {
-    if STOP.swap(true, Ordering::SeqCst) {
-        // A second Ctrl-C: leave at once.
-        // SAFETY: _exit is async-signal-safe and takes no pointers.
-        unsafe { libc::_exit(130) };
-    }
-}
-
-/// Makes SIGINT (Ctrl-C) and SIGTERM set the stop flag instead of killing the bench.
+/// Makes SIGINT (Ctrl-C) and SIGTERM stop the bench instead of killing it
+/// (the engine's stop request; a second signal exits at once).
 pub fn install_interrupt_handler() -> Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let act = SigAction::new(
-        SigHandler::Handler(on_sigint),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only touches an atomic and calls _exit.
-        unsafe { sigaction(sig, &act) }
-            .with_context(|| format!("cannot install a {sig} handler"))?;
-    }
-    Ok(())
+    crate::engine::interrupt::install_handlers()
 }
 
 /// Whether Ctrl-C was pressed.
 pub fn interrupted() -> bool {
-    STOP.load(Ordering::SeqCst)
+    crate::engine::interrupt::requested()
 }
 
 /// One finished run (successful or not).
