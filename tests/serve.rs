@@ -276,6 +276,40 @@ fn check_chat(s: &Server) {
     if r["choices"][0]["finish_reason"] == "stop" {
         serde_json::from_str::<Value>(out).unwrap_or_else(|e| panic!("{e}: {out}"));
     }
+
+    // A JSON schema: the output is a document of that schema (llama.cpp's
+    // schema -> grammar converter), in both APIs.
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "colour": { "type": "string", "enum": ["red", "green", "blue"] },
+            "legs": { "type": "integer", "minimum": 0, "maximum": 8 }
+        },
+        "required": ["colour", "legs"],
+        "additionalProperties": false
+    });
+    let check_doc = |out: &str| {
+        let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let obj = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {out}"));
+        assert_eq!(obj.len(), 2, "{out}");
+        assert!(
+            ["red", "green", "blue"].contains(&v["colour"].as_str().unwrap()),
+            "{out}"
+        );
+        assert!((0..=8).contains(&v["legs"].as_i64().unwrap()), "{out}");
+    };
+    let jb = json!({ "prompt": "A cat as JSON.", "format": schema, "stream": false, "options": { "temperature": 0.7, "seed": 3, "num_predict": 96 } });
+    let r = s.post_json("/api/generate", &jb);
+    assert_eq!(r["done_reason"], "stop", "{r}");
+    check_doc(r["response"].as_str().unwrap());
+    let jb = json!({ "messages": [{ "role": "user", "content": "A spider as JSON." }],
+        "response_format": { "type": "json_schema", "json_schema": { "name": "animal", "strict": true, "schema": schema } },
+        "temperature": 0.7, "seed": 5, "max_tokens": 96 });
+    let r = s.post_json("/v1/chat/completions", &jb);
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    check_doc(r["choices"][0]["message"]["content"].as_str().unwrap());
 }
 
 /// Every bad request gets its status and its API's error shape.
@@ -349,8 +383,15 @@ fn check_errors(s: &Server) {
         400,
     );
     assert!(m.contains("1024"), "{m}");
-    // Over --max-body 64K.
-    let big = json!({ "prompt": "x".repeat(100_000) }).to_string();
+    // A schema llama.cpp's converter rejects (an unresolvable $ref).
+    let bad = json!({ "prompt": "x", "format": { "$ref": "#/definitions/none" } }).to_string();
+    ollama_err(s.post("/api/generate", &bad), 400);
+    let bad = json!({ "prompt": "x", "response_format": { "type": "json_schema", "json_schema": { "name": "n", "schema": 5 } } }).to_string();
+    openai_err(s.post("/v1/completions", &bad), 400);
+    // Over --max-body 64K, and far bigger than the socket buffers: the server
+    // reads the whole body before answering, so the client sees the 413 (not
+    // a broken pipe while it is still sending).
+    let big = json!({ "prompt": "x".repeat(4 << 20) }).to_string();
     openai_err(s.post("/v1/completions", &big), 413);
     ollama_err(s.post("/api/generate", &big), 413);
     // Unknown routes.
@@ -500,7 +541,7 @@ fn serve_queue_full_and_shutdown() {
     assert_eq!(status, 503, "{body}");
 }
 
-/// 400 short well-formed requests (HYPURA_SERVE_LOAD=N for more) from 8 concurrent clients, across both
+/// 1000 short well-formed requests (HYPURA_SERVE_LOAD=N for another count) from 8 concurrent clients, across both
 /// APIs, streamed and not: all answered, server RSS growth under 100 MiB.
 #[test]
 fn serve_load() {
@@ -510,7 +551,7 @@ fn serve_load() {
     let total: usize = std::env::var("HYPURA_SERVE_LOAD")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(1000);
     // One compute thread: ggml's spinning barriers between two threads
     // crawl when the 8 client threads and the HTTP side share the cores.
     let s = Server::start(&m, &["--ctx", "512", "--queue", "64", "--threads", "1"]);

@@ -37,7 +37,9 @@ mkdir -p "$CARGO_TARGET_DIR"; echo "${CPU_VARIANTS:-all}" >"$stamp"
 # llama-cpp-sys-2 hard-links its libraries into target-gpu/release and fails
 # on links left from an earlier configuration.
 rm -f "$CARGO_TARGET_DIR"/release/lib{llama,ggml}*.so* "$CARGO_TARGET_DIR"/release/{deps,examples}/lib{llama,ggml}*.so*
-env GGML_NATIVE=OFF GGML_BACKEND_DL=ON "${cpu_env[@]}" \
+# The bundle runs on another machine: portable Rust code (the repository's
+# default is target-cpu=native, see .cargo/config.toml).
+env RUSTFLAGS="${RUSTFLAGS:--C target-cpu=x86-64-v3}" GGML_NATIVE=OFF GGML_BACKEND_DL=ON "${cpu_env[@]}" \
     cargo build --release --features dynamic-backends --bin hypura --example llama_ref
 
 out="$(ls -td "$CARGO_TARGET_DIR"/release/build/llama-cpp-sys-2-*/out/build/CMakeCache.txt 2>/dev/null | head -1)"

@@ -7,6 +7,7 @@
 //! - [`device`]: ggml devices, device buffers and uploads (the GPU tier).
 //! - [`session`]: the engine's front door — load once, generate many times
 //!   (KV prefix reuse, stop strings, cancellation); every command uses it.
+//! - [`grammar`]: JSON schema -> GBNF (llama.cpp's converter) for structured output.
 //! - [`sampling`]: llama.cpp's sampler chain (penalties, top-k/p, min-p,
 //!   typical, temperature, seed, GBNF grammar) and the greedy argmax.
 //! - [`chat`]: chat templates (the model's Jinja one, or llama.cpp's built-ins).
@@ -23,6 +24,7 @@ pub mod chat;
 pub mod context;
 pub mod device;
 pub mod generate;
+pub mod grammar;
 pub mod interrupt;
 pub mod logits;
 pub mod model;

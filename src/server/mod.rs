@@ -7,6 +7,7 @@
 //! - [`openai`]: `/v1/*` (server-sent events).
 //! - [`params`]: request settings -> the engine's sampling settings.
 //! - [`error`]: each API's error shape and status.
+//! - [`body`]: `--max-body` (an oversized body is drained, then 413).
 //! - [`metrics`]: counters and `GET /metrics` (Prometheus text).
 //! - [`info`]: what the server reports about its model.
 //!
@@ -14,6 +15,7 @@
 //! (clients often insist on their own names); `/api/tags` and `/v1/models`
 //! list the model under its file stem.
 
+pub mod body;
 pub mod engine;
 pub mod error;
 pub mod info;
@@ -243,6 +245,10 @@ pub fn router(state: Arc<AppState>, with_metrics: bool, max_body: usize) -> Rout
     }
     r.fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            body::MaxBody(max_body),
+            body::limit,
+        ))
         .with_state(state)
 }
 

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::engine::{Done, Event, Prompt};
 use super::error::{parse_body, Api, ApiError};
 use super::info::details;
-use super::params::{self, Overrides, Stop};
+use super::params::{self, JsonOutput, Overrides, Stop};
 use super::{collect, event_body, fail, submit, AppState, JobSpec, Running};
 use crate::engine::chat::ChatMessage;
 use crate::engine::Finish;
@@ -175,14 +175,15 @@ async fn show(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejectio
     .into_response()
 }
 
-/// `format`: "json" or a JSON schema (constrained to generic JSON; see the
-/// README), nothing, or an error.
-fn wants_json(format: &Option<Value>) -> Result<bool, ApiError> {
+/// `format`: "json" (any JSON value), a JSON schema object (documents that
+/// follow it, through llama.cpp's schema -> grammar converter), nothing, or an
+/// error.
+fn wants_json(format: &Option<Value>) -> Result<JsonOutput, ApiError> {
     match format {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::String(s)) if s.is_empty() => Ok(false),
-        Some(Value::String(s)) if s == "json" => Ok(true),
-        Some(Value::Object(_)) => Ok(true),
+        None | Some(Value::Null) => Ok(JsonOutput::Off),
+        Some(Value::String(s)) if s.is_empty() => Ok(JsonOutput::Off),
+        Some(Value::String(s)) if s == "json" => Ok(JsonOutput::Any),
+        Some(v @ Value::Object(_)) => Ok(JsonOutput::Schema(v.to_string())),
         Some(other) => Err(ApiError::bad_request(
             API,
             format!("format must be \"json\" or a JSON schema object (got {other})"),

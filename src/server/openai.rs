@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::engine::{Done, Event, Prompt};
 use super::error::{error_body, parse_body, Api, ApiError};
-use super::params::{self, Overrides, Stop};
+use super::params::{self, JsonOutput, Overrides, Stop};
 use super::{collect, event_body, fail, submit, unix_now, AppState, JobSpec};
 use crate::engine::chat::ChatMessage;
 use crate::engine::Finish;
@@ -72,6 +72,13 @@ struct StreamOptions {
 struct ResponseFormat {
     #[serde(rename = "type")]
     kind: String,
+    /// For `json_schema`: `{"name", "schema", "strict"}`.
+    json_schema: Option<JsonSchemaFormat>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    schema: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,17 +194,30 @@ fn settings(
             "tools are not supported by this server",
         ));
     }
-    let json = match c.response_format.as_ref().map(|f| f.kind.as_str()) {
-        None | Some("text") => false,
-        Some("json_object") | Some("json_schema") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
+    let json = match &c.response_format {
+        None => JsonOutput::Off,
+        Some(f) => match f.kind.as_str() {
+            "text" => JsonOutput::Off,
+            "json_object" => JsonOutput::Any,
+            "json_schema" => {
+                match f.json_schema.as_ref().and_then(|j| j.schema.as_ref()) {
+                    Some(schema @ Value::Object(_)) => JsonOutput::Schema(schema.to_string()),
+                    Some(Value::Null) | None => JsonOutput::Any,
+                    Some(other) => return Err(ApiError::bad_request(
+                        API,
+                        format!(
+                            "response_format.json_schema.schema must be an object (got {other})"
+                        ),
+                    )),
+                }
+            }
+            other => return Err(ApiError::bad_request(
                 API,
                 format!(
                     "response_format type must be text, json_object or json_schema (got {other:?})"
                 ),
-            ))
-        }
+            )),
+        },
     };
     let ov = Overrides {
         temp: c.temperature,

@@ -39,8 +39,34 @@ pub struct Overrides {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     pub seed: Option<i64>,
-    /// Constrain the output to JSON.
-    pub json: bool,
+    /// Constrain the output to JSON (any document, or one schema's).
+    pub json: JsonOutput,
+}
+
+/// A request's structured-output setting.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum JsonOutput {
+    /// Free text (the server's `--grammar-file`, if any, applies).
+    #[default]
+    Off,
+    /// Any JSON value (`"format": "json"`, `json_object`).
+    Any,
+    /// A JSON document that follows this JSON schema (the schema's text).
+    Schema(String),
+}
+
+impl JsonOutput {
+    /// The GBNF grammar for this setting (`None`: free text); a schema that
+    /// llama.cpp's converter rejects is a 400.
+    pub fn grammar(&self, api: Api) -> Result<Option<String>, ApiError> {
+        match self {
+            JsonOutput::Off => Ok(None),
+            JsonOutput::Any => Ok(Some(JSON_GRAMMAR.to_string())),
+            JsonOutput::Schema(schema) => crate::engine::grammar::json_schema_to_gbnf(schema)
+                .map(Some)
+                .map_err(|e| ApiError::bad_request(api, format!("{e}"))),
+        }
+    }
 }
 
 /// `stop`: one string or a list of them.
@@ -85,9 +111,9 @@ pub fn sampling(d: &Defaults, o: &Overrides, api: Api) -> Result<SamplingParams,
         presence_penalty: o.presence_penalty.unwrap_or(b.presence_penalty),
         frequency_penalty: o.frequency_penalty.unwrap_or(b.frequency_penalty),
         seed,
-        grammar: match o.json {
-            true => Some(JSON_GRAMMAR.to_string()),
-            false => b.grammar.clone(),
+        grammar: match o.json.grammar(api)? {
+            Some(g) => Some(g),
+            None => b.grammar.clone(),
         },
     };
     p.validate()
@@ -145,7 +171,7 @@ mod tests {
             temp: Some(0.0),
             top_k: Some(5),
             seed: Some(42),
-            json: true,
+            json: JsonOutput::Any,
             ..Overrides::default()
         };
         let p = sampling(&d, &o, Api::OpenAi).unwrap();
