@@ -1,13 +1,14 @@
 //! `hypura gen --routing`: token-dependent expert routing. At temperature 1
 //! over 128 generated tokens, uniform routing (S = 0) uses ≥ 90% of each
-//! layer's experts (read from `run --routing-trace`); bad specs fail cleanly.
+//! layer's experts (read from `run --routing-trace`); routed models stream
+//! bit-identically; bad specs fail cleanly.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{gen, hypura};
+use common::{check_bit_identical, gen, hypura};
 
 const EXPERTS: usize = 32;
 const LAYERS: usize = 4;
@@ -118,6 +119,16 @@ fn uniform_routing_uses_nearly_every_expert_at_temperature_1() {
         few.iter().sum::<usize>() < with.iter().sum::<usize>(),
         "{few:?} vs {with:?}"
     );
+}
+
+/// Routed models stream with misses every token (the cache, frequency
+/// policy, evicts): logits still equal the resident run's.
+#[test]
+fn routed_moe_streaming_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("zipf.gguf");
+    moe(&m, Some("zipf:0.8,corr:0.5"));
+    check_bit_identical(&m, "4M", "experts");
 }
 
 #[test]

@@ -28,7 +28,7 @@ use crate::io::{slot_len_for, slot_offset_for, FileId, ReadBackend, ReadRequest,
 
 use super::memory::{arena_layout, Mapping};
 use super::metrics::StreamMetrics;
-use super::policy::{self, EvictionPolicy, PolicyKind};
+use super::policy::{self, EvictionPolicy};
 use super::upload::GpuPool;
 use super::TensorSpec;
 
@@ -236,7 +236,7 @@ impl ExpertCache {
 
     /// Replaces the eviction policy (tests; before any pass).
     #[cfg(test)]
-    pub fn set_policy(&mut self, k: PolicyKind) {
+    pub fn set_policy(&mut self, k: policy::PolicyKind) {
         let n: usize = self.layers.iter().flatten().map(|l| l.n()).sum();
         self.policy = policy::policy(k, n);
     }

@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::engine::stream::fake::{bytes_at, Complete, FakeModel, FakeReader};
+use crate::engine::stream::policy::PolicyKind;
 use crate::engine::stream::trace::{simulate, Trace, TraceWriter};
 
 const N: usize = 8;
