@@ -348,3 +348,68 @@ fn a_routing_trace_replays_to_the_reference_lru_hit_rate() {
     assert_eq!((sim.hits, sim.misses), cache_freq);
     assert_ne!(cache_freq, cache_lru, "two policies, one outcome");
 }
+
+/// A reader that notes how many reads were in flight at each wait.
+struct DepthAtWait {
+    inner: FakeReader,
+    depths: Vec<usize>,
+}
+
+impl ReadBackend for DepthAtWait {
+    fn info(&self) -> &crate::io::ReaderInfo {
+        self.inner.info()
+    }
+    fn add_file(&mut self, path: &std::path::Path) -> Result<FileId, crate::io::IoError> {
+        self.inner.add_file(path)
+    }
+    fn file_len(&self, file: FileId) -> Option<u64> {
+        self.inner.file_len(file)
+    }
+    fn register_buffers(&mut self, r: &[(*mut u8, usize)]) -> Result<bool, crate::io::IoError> {
+        self.inner.register_buffers(r)
+    }
+    unsafe fn submit(&mut self, req: ReadRequest) -> Result<Ticket, crate::io::IoError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.inner.submit(req) }
+    }
+    fn submit_owned(
+        &mut self,
+        file: FileId,
+        off: u64,
+        len: usize,
+        buf: crate::io::AlignedBuf,
+    ) -> Result<Ticket, crate::io::IoError> {
+        self.inner.submit_owned(file, off, len, buf)
+    }
+    fn wait(&mut self, t: Ticket) -> Result<crate::io::Completion, crate::io::IoError> {
+        self.depths.push(self.inner.outstanding());
+        self.inner.wait(t)
+    }
+    fn try_wait(&mut self, t: Ticket) -> Result<Option<crate::io::Completion>, crate::io::IoError> {
+        self.inner.try_wait(t)
+    }
+    fn outstanding(&self) -> usize {
+        self.inner.outstanding()
+    }
+}
+
+#[test]
+fn a_layers_misses_are_all_in_flight_before_the_first_wait() {
+    let m = model(1);
+    let mut io = DepthAtWait {
+        inner: m.reader(Complete::WhenCollected { polls: 0 }),
+        depths: Vec::new(),
+    };
+    let mut c = cache(&m, 0, 8);
+    let mut metrics = StreamMetrics::default();
+    next_pass(&mut c, &mut metrics);
+    c.clear_selection();
+    for id in [6, 1, 4, 2] {
+        c.select(0, id, N).unwrap();
+    }
+    c.load_selected(0, 4, &mut io, &mut metrics, None).unwrap();
+    // 4 experts × 3 tensors, one request each, all queued at the first wait.
+    assert_eq!(metrics.reads, 12);
+    assert_eq!(io.depths.first(), Some(&12), "{:?}", io.depths);
+    assert_eq!(io.outstanding(), 0);
+}
