@@ -194,6 +194,8 @@ fn check_bench(model: &Path, budget: &str, moe: bool) {
             assert!(s["disk_gbps"].as_f64().unwrap() > 0.0, "{s}");
             assert!(s["disk_ratio"].as_f64().unwrap() > 0.0, "{s}");
             assert_eq!(s["expert_hit_rate"].is_number(), moe, "{s}");
+            // MoE runs trace their routing: an LRU cache simulated on it.
+            assert_eq!(s["lru_sim_hit_rate"].is_number(), moe, "{s}");
         } else {
             assert_eq!(s["mode"], "resident", "{s}");
             assert!(s["read_bytes_per_token"].is_null(), "{s}");

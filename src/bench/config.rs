@@ -112,6 +112,9 @@ pub struct RunSettings {
     pub prompt_tokens: usize,
     pub prompt: String,
     pub gen_tokens: usize,
+    /// Sampling temperature and seed of every run.
+    pub temp: f32,
+    pub seed: u32,
     pub threads: usize,
     pub ctx: u32,
     pub no_repack: bool,
@@ -130,9 +133,9 @@ impl RunSettings {
             "--prompt".into(),
             self.prompt.clone(),
             "--temp".into(),
-            "0".into(),
+            self.temp.to_string(),
             "--seed".into(),
-            "0".into(),
+            self.seed.to_string(),
             "--max-tokens".into(),
             self.gen_tokens.to_string(),
             "--threads".into(),
@@ -206,6 +209,8 @@ mod tests {
             prompt_tokens: 4,
             prompt: "a b c d".into(),
             gen_tokens: 8,
+            temp: 0.7,
+            seed: 3,
             threads: 2,
             ctx: 256,
             no_repack: false,
@@ -215,7 +220,10 @@ mod tests {
         };
         let c = BenchConfig::streaming(2, s.ram_budget_bytes, None);
         let a = s.args(&c).join(" ");
-        assert!(a.starts_with("run m.gguf --prompt a b c d --temp 0"), "{a}");
+        assert!(
+            a.starts_with("run m.gguf --prompt a b c d --temp 0.7 --seed 3 "),
+            "{a}"
+        );
         assert!(
             a.ends_with("--json --ram-budget 1048576 --lookahead 2"),
             "{a}"

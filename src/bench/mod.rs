@@ -25,7 +25,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::gguf::GgufFile;
 use crate::profiler::MachineProfile;
 use crate::scheduler::Mode;
-use config::{BenchConfig, RunSettings};
+use config::{BenchConfig, Kind, RunSettings};
 use report::{BenchDoc, MemoryNow, ModelInfo};
 use runner::{Outcome, RunRecord};
 
@@ -39,6 +39,9 @@ pub struct BenchOptions {
     pub baseline: bool,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
+    /// Sampling temperature and seed of every run.
+    pub temp: f32,
+    pub seed: u32,
     /// Recorded rounds.
     pub repeat: usize,
     /// Unrecorded rounds first.
@@ -196,6 +199,28 @@ pub fn round_order(round: usize, n: usize) -> Vec<usize> {
 
 /// Runs the whole bench and writes the JSON and the chart. Ctrl-C (with the
 /// handler installed) stops it early; the document says so and keeps the runs done.
+/// The hit rate an LRU expert cache of the run's budget would have had on
+/// the run's generated tokens (its routing trace, then removed).
+fn lru_sim_hit_rate(trace: &Path) -> Option<f64> {
+    let t = crate::engine::stream::trace::Trace::read(trace).ok();
+    let _ = std::fs::remove_file(trace);
+    let t = t?;
+    // Prompt passes have several tokens; the generated ones one each.
+    let from = t
+        .records
+        .iter()
+        .filter(|r| r.2 > 0)
+        .map(|r| r.0 + 1)
+        .max()
+        .unwrap_or(0);
+    let lru = |n| {
+        crate::engine::stream::policy::policy(crate::engine::stream::policy::PolicyKind::Lru, n)
+    };
+    crate::engine::stream::trace::simulate(&t, lru, from)
+        .ok()?
+        .hit_rate()
+}
+
 pub fn run(
     opts: &BenchOptions,
     gguf: &GgufFile,
@@ -210,6 +235,8 @@ pub fn run(
         prompt_tokens: opts.prompt_tokens,
         prompt: config::synthetic_prompt(words),
         gen_tokens: opts.gen_tokens,
+        temp: opts.temp,
+        seed: opts.seed,
         threads: opts.threads,
         ctx: config::context_for(opts.prompt_tokens, opts.gen_tokens),
         no_repack: opts.no_repack,
@@ -218,6 +245,7 @@ pub fn run(
         io_backend: opts.io_backend.clone(),
     };
     let configs = configs(opts);
+    let moe = gguf.arch_params().n_expert.is_some_and(|n| n > 0);
     let n = configs.len();
     let rounds = opts.warmup + opts.repeat;
     let total = rounds * n;
@@ -263,7 +291,21 @@ pub fn run(
             bar.set_style(run_style.clone());
             bar.set_prefix(format!("{phase} · {}", c.label));
             bar.enable_steady_tick(Duration::from_millis(120));
-            let outcome = runner::run_child(&opts.exe, &settings.args(c), opts.timeout, &bar)?;
+            // MoE streaming runs trace their routing, for the LRU simulation.
+            let trace = (moe && c.kind == Kind::Streaming).then(|| {
+                opts.out_dir
+                    .join(format!(".routing-{}.trace", std::process::id()))
+            });
+            let mut args = settings.args(c);
+            if let Some(t) = &trace {
+                let _ = std::fs::remove_file(t);
+                args.extend([
+                    "--routing-trace".to_string(),
+                    t.to_string_lossy().into_owned(),
+                ]);
+            }
+            let outcome = runner::run_child(&opts.exe, &args, opts.timeout, &bar)?;
+            let lru_sim_hit_rate = trace.as_deref().and_then(lru_sim_hit_rate);
             bar.finish_and_clear();
             multi.remove(&bar);
             match outcome {
@@ -301,6 +343,7 @@ pub fn run(
                         wall_secs,
                         error,
                         report: report.map(|r| *r),
+                        lru_sim_hit_rate,
                     });
                 }
             }

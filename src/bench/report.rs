@@ -65,6 +65,9 @@ pub struct ConfigSummary {
     pub stall_ms_per_token: Option<f64>,
     /// Cross-token expert cache hit rate (MoE streaming).
     pub expert_hit_rate: Option<f64>,
+    /// What an LRU cache of the same budget would have hit on the same
+    /// routing (simulated from the runs' routing traces).
+    pub lru_sim_hit_rate: Option<f64>,
     /// Achieved disk throughput during generation, GB/s.
     pub disk_gbps: Option<f64>,
     /// `disk_gbps` / the profiled sequential ceiling (`storage.best_seq_gbps`).
@@ -153,6 +156,12 @@ pub fn summarise(
                 read_bytes_per_token: read,
                 stall_ms_per_token: med(|r| r.stall_ms_per_token),
                 expert_hit_rate: med(|r| r.expert_hit_rate),
+                lru_sim_hit_rate: median(
+                    &mine
+                        .iter()
+                        .filter_map(|r| r.lru_sim_hit_rate)
+                        .collect::<Vec<_>>(),
+                ),
                 disk_gbps: disk,
                 disk_ratio: disk.zip(ceiling_gbps).map(|(d, c)| d / c),
                 predicted_tps: med(|r| r.predicted_tps),
@@ -260,9 +269,9 @@ pub fn markdown(doc: &BenchDoc) -> String {
     }
     let _ = writeln!(
         out,
-        "| config | mode | runs | gen tok/s (median, min–max) | predicted tok/s | prompt tok/s | read/token | stall ms/token | expert hits | disk GB/s | disk/ceiling | peak RSS |"
+        "| config | mode | runs | gen tok/s (median, min–max) | predicted tok/s | prompt tok/s | read/token | stall ms/token | expert hits | LRU sim hits | disk GB/s | disk/ceiling | peak RSS |"
     );
-    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for c in &doc.summary {
         let mut label = c.label.clone();
         if let (Some(req), Some(eff)) = (c.lookahead, c.effective_lookahead) {
@@ -277,7 +286,7 @@ pub fn markdown(doc: &BenchDoc) -> String {
         };
         let _ = writeln!(
             out,
-            "| {label} | {} | {runs} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {runs} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.mode.as_deref().unwrap_or("–"),
             spread(c.gen_tps),
             opt(c.predicted_tps, tps),
@@ -285,6 +294,7 @@ pub fn markdown(doc: &BenchDoc) -> String {
             opt(c.read_bytes_per_token, |b| format_bytes(b as u64)),
             opt(c.stall_ms_per_token, |v| format!("{v:.1}")),
             opt(c.expert_hit_rate, |v| format!("{:.1}%", v * 100.0)),
+            opt(c.lru_sim_hit_rate, |v| format!("{:.1}%", v * 100.0)),
             opt(c.disk_gbps, |v| format!("{v:.2}")),
             opt(c.disk_ratio, |v| format!("{:.0}%", v * 100.0)),
             opt(c.peak_rss_bytes, |b| format_bytes(b as u64)),
@@ -322,6 +332,7 @@ mod tests {
             wall_secs: 1.0,
             error: None,
             report: Some(report),
+            lru_sim_hit_rate: Some(0.5),
         }
     }
 

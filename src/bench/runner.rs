@@ -45,6 +45,9 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// `hypura run --json`'s report (the JSON object it printed).
     pub report: Option<RunReport>,
+    /// MoE streaming: the hit rate of a simulated LRU expert cache of the
+    /// same budget on the run's routing (generated tokens).
+    pub lru_sim_hit_rate: Option<f64>,
 }
 
 /// How a run ended.

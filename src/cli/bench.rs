@@ -26,6 +26,13 @@ pub struct BenchArgs {
     /// Also run llama.cpp's own loading (every tensor resident): mmap and --load-mode dio.
     #[arg(long)]
     pub baseline: bool,
+    /// Sampling temperature of every run (0: greedy). With a synthetic
+    /// MoE made with `gen --routing`, > 0 gives diverse routing.
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    pub temp: f32,
+    /// Sampling seed of every run.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u32,
     /// Prompt length in tokens (a fixed synthetic prompt).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub prompt_tokens: usize,
@@ -110,6 +117,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.ram_budget == Some(0) {
         bail!("--ram-budget must be more than 0");
     }
+    if !args.temp.is_finite() || args.temp < 0.0 {
+        bail!("--temp must be a number ≥ 0 (0 is greedy)");
+    }
     if args.timeout == Some(0) {
         bail!("--timeout must be at least 1 second");
     }
@@ -148,6 +158,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         baseline: args.baseline,
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
+        temp: args.temp,
+        seed: args.seed,
         repeat: args.repeat,
         warmup: args.warmup,
         ram_budget: args.ram_budget,

@@ -82,6 +82,11 @@ pub struct GenArgs {
     /// Tensor data alignment in bytes (a power of two, e.g. 32 or 4096).
     #[arg(long, default_value_t = 32)]
     pub alignment: u64,
+    /// Token-dependent expert routing (MoE): `zipf:S[,corr:C]`, expert
+    /// popularity Zipf(S) (0: uniform), each layer repeating the previous
+    /// layer's choice with probability C (see docs/synthetic.md).
+    #[arg(long, value_name = "zipf:S[,corr:C]", value_parser = synth::Routing::parse)]
+    pub routing: Option<synth::Routing>,
     /// Overwrite OUT if it exists.
     #[arg(long)]
     pub force: bool,
@@ -149,6 +154,7 @@ fn config(a: &GenArgs) -> SynthConfig {
     c.weight_type = a.weight_type;
     c.seed = a.seed;
     c.alignment = a.alignment;
+    c.routing = a.routing;
     c
 }
 
@@ -159,7 +165,11 @@ fn describe(c: &SynthConfig) -> String {
     } else {
         String::new()
     };
-    format!("{moe}embd {}, {}", c.n_embd, c.weight_type)
+    let routing = c
+        .routing
+        .map(|r| format!(", routing {}", r.describe()))
+        .unwrap_or_default();
+    format!("{moe}embd {}, {}{routing}", c.n_embd, c.weight_type)
 }
 
 /// `OUT.partial` next to OUT: a crash never leaves a half-written model at OUT.

@@ -150,6 +150,10 @@ pub struct RunArgs {
     /// ranges as a dense or expert streaming run (same kernel fusion).
     #[arg(long, value_enum, hide = true)]
     pub reference_cuts: Option<crate::engine::stream::Cuts>,
+    /// Write the experts the router picks, per token and layer, to FILE
+    /// (expert streaming; format in src/engine/stream/trace.rs).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub routing_trace: Option<PathBuf>,
 }
 
 /// `--gpu-layers`: a count, or `all` (llama.cpp's -1).
@@ -184,6 +188,7 @@ impl RunArgs {
             io_backend: self.io_backend,
             gpu_layers: self.gpu_layers,
             reference_cuts: self.reference_cuts,
+            routing_trace: self.routing_trace.clone(),
         }
     }
 }
@@ -226,6 +231,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(w) = logits_out {
         w.finish()?;
     }
+    session.flush_routing_trace()?;
     let report = session.report(&stats, metrics);
     if args.json {
         eprintln!("{}", serde_json::to_string(&report)?);

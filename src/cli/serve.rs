@@ -97,6 +97,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         io_backend: args.io_backend,
         gpu_layers: None,
         reference_cuts: None,
+        routing_trace: None,
     };
     let cfg = ServeConfig {
         host: args.host.clone(),

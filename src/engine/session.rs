@@ -54,6 +54,8 @@ pub struct SessionOptions {
     pub gpu_layers: Option<i32>,
     /// A resident run cut into the compute ranges of a streaming one.
     pub reference_cuts: Option<Cuts>,
+    /// Write the router's picks per token and layer here (expert streaming).
+    pub routing_trace: Option<std::path::PathBuf>,
 }
 
 impl SessionOptions {
@@ -68,6 +70,7 @@ impl SessionOptions {
             io_backend: crate::io::Backend::Auto,
             gpu_layers: None,
             reference_cuts: None,
+            routing_trace: None,
         }
     }
 }
@@ -194,6 +197,16 @@ impl Session {
                 Some(unsafe { Streamer::new(&plan, &buft, reader, gpu_dev) }?)
             }
         };
+        // A run that streams no experts has nothing to trace: no file (the
+        // bench traces every MoE run and some of them fit the budget).
+        if let Some(p) = &opts.routing_trace {
+            match streamer.as_mut() {
+                Some(st) if st.streams_experts() => st.set_routing_trace(p)?,
+                _ => tracing::warn!(
+                    "--routing-trace: this run streams no experts, nothing is traced"
+                ),
+            }
+        }
         let load_secs = t_load.elapsed().as_secs_f64();
         let load_read_bytes = storage_read_bytes()
             .zip(io_before)
@@ -485,6 +498,14 @@ impl Session {
 
     /// The statistics of generations made on this session (`stats` and the
     /// streaming counters of their generation phases, summed by the caller).
+    /// Writes out the routing trace's buffered records (`routing_trace`).
+    pub fn flush_routing_trace(&mut self) -> Result<()> {
+        match self.streamer.as_mut() {
+            Some(st) => st.flush_routing_trace(),
+            None => Ok(()),
+        }
+    }
+
     pub fn report(&self, stats: &GenStats, gen_metrics: Option<StreamMetrics>) -> RunReport {
         let plan = &self.plan;
         let per_tok = stats.gen_decodes.max(1) as f64;

@@ -190,11 +190,18 @@ impl Engine {
         let n_exp = self.experts.n_experts(layer).context("expert layer")?;
         self.experts.clear_selection();
         for row in 0..n_tok {
+            self.trace_ids.clear();
             for j in 0..k {
                 // SAFETY: row < ne[1], j < ne[0]; nb[1] is the row stride of the
                 // node's data (or of its copy in ids_bytes).
                 let id = unsafe { *(data.add(row * nb1 + j * 4) as *const i32) };
                 self.experts.select(layer, id, n_exp)?;
+                if self.trace.is_some() && self.trace_ids.len() < self.trace_ids.capacity() {
+                    self.trace_ids.push(id);
+                }
+            }
+            if let Some(t) = self.trace.as_mut() {
+                t.record(self.metrics.passes, layer, row, &self.trace_ids)?;
             }
         }
         let io = &mut *self.reader;

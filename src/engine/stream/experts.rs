@@ -4,8 +4,9 @@
 //! an expert is a contiguous range of each of its layer's tensors. When the
 //! router has picked a layer's experts, the ones not in memory are read
 //! (`Empty` → `Loading` → `Loaded`) and stay cached across tokens within the
-//! budget; the least recently selected loaded experts are evicted first
-//! (never one of the layer's current picks, never one being read).
+//! budget; the eviction policy (`policy.rs`: frequency, then recency, by
+//! default) picks which loaded expert goes first (never one of the layer's
+//! current picks, never one being read).
 //!
 //! The predictor counts, per pair of consecutive expert layers, which experts
 //! followed which (`coact`), and with lookahead ≥ 1 reads ahead the next
@@ -27,6 +28,7 @@ use crate::io::{slot_len_for, slot_offset_for, FileId, ReadBackend, ReadRequest,
 
 use super::memory::{arena_layout, Mapping};
 use super::metrics::StreamMetrics;
+use super::policy::{self, EvictionPolicy};
 use super::upload::GpuPool;
 use super::TensorSpec;
 
@@ -60,8 +62,11 @@ pub(super) struct ExpertLayer {
     speculative: Vec<bool>,
     /// Per expert × tensor: the ticket of a read in flight.
     pending: Vec<Option<Ticket>>,
-    /// Per expert: the pass it was last selected in (LRU eviction).
+    /// Per expert: the pass it was last selected in (eviction spares this
+    /// pass's picks).
     last_used: Vec<u64>,
+    /// The policy's slot of expert 0 (slots number all layers' experts).
+    slot_base: usize,
     /// Co-activation counts from the previous expert layer: `[e_prev * n + e]`.
     coact: Vec<u32>,
     /// Memory one expert of this layer takes (all its tensors, aligned).
@@ -104,6 +109,8 @@ pub(super) struct ExpertCache {
     cache_free: Vec<u32>,
     /// Address space for every expert tensor; only loaded experts are committed.
     arena: Option<Mapping>,
+    /// Which loaded expert to evict first.
+    policy: Box<dyn EvictionPolicy>,
 }
 
 impl ExpertCache {
@@ -126,6 +133,7 @@ impl ExpertCache {
             cache_slot_bytes: 0,
             cache_free: Vec::new(),
             arena: None,
+            policy: policy::default_policy(0),
         }
     }
 
@@ -156,6 +164,7 @@ impl ExpertCache {
                 speculative: vec![false; n],
                 pending: Vec::new(),
                 last_used: vec![0; n],
+                slot_base: 0,
                 coact: vec![0; n * n],
                 expert_mem: 0,
                 dedicated_slot: None,
@@ -203,8 +212,11 @@ impl ExpertCache {
             }
             max_n = max_n.max(n);
         }
+        let mut n_slots = 0;
         for l in layers.iter_mut().flatten() {
             l.pending = vec![None; l.n() * l.tensors.len()];
+            l.slot_base = n_slots;
+            n_slots += l.n();
         }
         Ok(ExpertCache {
             layers,
@@ -217,8 +229,28 @@ impl ExpertCache {
             scores: Vec::with_capacity(max_n),
             tickets: Vec::with_capacity(max_n * 4 + 16),
             arena: Some(arena),
+            policy: policy::default_policy(n_slots),
             ..ExpertCache::none()
         })
+    }
+
+    /// Replaces the eviction policy (tests; before any pass).
+    #[cfg(test)]
+    pub fn set_policy(&mut self, k: policy::PolicyKind) {
+        let n: usize = self.layers.iter().flatten().map(|l| l.n()).sum();
+        self.policy = policy::policy(k, n);
+    }
+
+    /// The routing trace header: the budget and, per expert layer, its
+    /// index, expert count and memory per expert.
+    pub fn trace_header(&self) -> (u64, Vec<(usize, usize, u64)>) {
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (i, l.n(), l.expert_mem)))
+            .collect();
+        (self.budget, layers)
     }
 
     pub fn max_n(&self) -> usize {
@@ -367,6 +399,7 @@ impl ExpertCache {
         for &id in &self.selected {
             let e = id as usize;
             el.last_used[e] = pass;
+            self.policy.touch(el.slot_base + e, pass);
             match (el.state[e], el.speculative[e]) {
                 (ExpertState::Empty, _) => need += el.expert_mem,
                 (_, true) => {
@@ -625,9 +658,9 @@ impl ExpertCache {
         Ok(())
     }
 
-    /// Evicts least-recently-used loaded experts (never those `keep_layer`
-    /// selected in this pass, never reads in flight) until `need` more bytes
-    /// fit in the budget.
+    /// Evicts loaded experts, lowest policy priority first (never those
+    /// `keep_layer` selected in this pass, never reads in flight), until
+    /// `need` more bytes fit in the budget.
     fn evict_until(&mut self, need: u64, keep_layer: usize, pass: u64) {
         while self.resident + need > self.budget {
             let mut best: Option<(usize, usize, u64)> = None;
@@ -639,8 +672,9 @@ impl ExpertCache {
                     {
                         continue;
                     }
-                    if best.is_none_or(|(_, _, u)| l.last_used[e] < u) {
-                        best = Some((li, e, l.last_used[e]));
+                    let p = self.policy.priority(l.slot_base + e);
+                    if best.is_none_or(|(_, _, u)| p < u) {
+                        best = Some((li, e, p));
                     }
                 }
             }

@@ -70,6 +70,8 @@ mod dense;
 mod experts;
 mod memory;
 mod metrics;
+pub mod policy;
+pub mod trace;
 mod upload;
 
 #[cfg(test)]
@@ -144,6 +146,10 @@ struct Engine {
     )>,
     metrics: StreamMetrics,
     error: Option<String>,
+    /// `--routing-trace`: every token's experts per layer.
+    trace: Option<trace::TraceWriter>,
+    /// One token's router ids, for the trace (capacity: the largest k).
+    trace_ids: Vec<i32>,
 }
 
 impl Streamer {
@@ -247,6 +253,32 @@ impl Streamer {
         let e = self.engine_mut().error.take();
         self.shared().failed.store(false, Ordering::Release);
         e
+    }
+
+    /// Writes the router's picks of every token and expert layer to `path`
+    /// from now on (see [`trace`]); an error if the model streams no experts.
+    pub fn set_routing_trace(&mut self, path: &std::path::Path) -> Result<()> {
+        let e = self.engine_mut();
+        if !e.mode.streams_experts() {
+            bail!("--routing-trace needs expert streaming (an MoE model in --mode experts)");
+        }
+        let (budget, layers) = e.experts.trace_header();
+        e.trace = Some(trace::TraceWriter::create(path, budget, &layers)?);
+        e.trace_ids = Vec::with_capacity(e.experts.max_n());
+        Ok(())
+    }
+
+    /// Whether the router's picks are streamed (expert modes).
+    pub fn streams_experts(&self) -> bool {
+        self.engine().mode.streams_experts()
+    }
+
+    /// Writes out what the routing trace has buffered.
+    pub fn flush_routing_trace(&mut self) -> Result<()> {
+        match self.engine_mut().trace.as_mut() {
+            Some(t) => t.flush(),
+            None => Ok(()),
+        }
     }
 
     pub fn reader_info(&self) -> &ReaderInfo {
@@ -365,6 +397,8 @@ impl Engine {
                 .collect(),
             metrics: StreamMetrics::default(),
             error: None,
+            trace: None,
+            trace_ids: Vec::new(),
         };
         match plan.mode {
             Mode::Resident => {}

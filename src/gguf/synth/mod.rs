@@ -7,8 +7,10 @@
 //!
 //! Weights are scaled to a standard deviation of `1/sqrt(fan_in)`, norms are
 //! `1 ± 0.01`, so activations stay finite across any number of layers.
+//! MoEs can have token-dependent routing ([`routing`], `--routing`).
 
 mod blocks;
+mod routing;
 mod vocab;
 
 use std::io::Write;
@@ -16,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::util::rng::Rng;
 pub use blocks::{f16_to_f32, f32_to_bf16, f32_to_f16, Init, SUPPORTED as SUPPORTED_TYPES};
+pub use routing::{Routing, RoutingModel};
 pub use vocab::{Vocab, BOS_ID, EOS_ID, MIN_VOCAB, UNK_ID};
 
 use super::{GgmlType, GgufError, GgufWriter};
@@ -81,6 +84,9 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Data alignment (power of two).
     pub alignment: u64,
+    /// Token-dependent expert routing (MoE only; see [`routing`]); none:
+    /// plain random weights (routing nearly independent of the token).
+    pub routing: Option<Routing>,
 }
 
 impl SynthConfig {
@@ -102,6 +108,7 @@ impl SynthConfig {
             weight_type: GgmlType::Q8_0,
             seed: 0,
             alignment: super::DEFAULT_ALIGNMENT,
+            routing: None,
         }
     }
 
@@ -149,6 +156,9 @@ impl SynthConfig {
     fn validate_ffn(&self) -> Result<(), SynthError> {
         let fail = |m: String| Err(SynthError::Config(m));
         if !self.arch.is_moe() {
+            if self.routing.is_some() {
+                return fail("--routing needs an MoE architecture (mixtral or qwen3moe)".into());
+            }
             if self.n_expert != 0 {
                 return fail(
                     "dense llama has no experts (use the mixtral or qwen3moe architecture)"
@@ -232,6 +242,11 @@ enum Kind {
     Norm,
     /// A router matrix (F32).
     Router,
+    /// The token embedding (a matrix, or built by the routing model).
+    Embedding,
+    /// A layer's output projection onto the residual stream (a matrix,
+    /// scaled down under routing).
+    Output,
 }
 
 /// One planned tensor.
@@ -252,7 +267,11 @@ fn planned(name: String, kind: Kind, dims: &[u32]) -> Planned {
 /// The tensors llama.cpp's loader expects for `cfg`, in file order.
 fn tensor_plan(cfg: &SynthConfig) -> Vec<Planned> {
     let (e, v) = (cfg.n_embd, cfg.n_vocab);
-    let mut out = vec![planned("token_embd.weight".into(), Kind::Matrix, &[e, v])];
+    let mut out = vec![planned(
+        "token_embd.weight".into(),
+        Kind::Embedding,
+        &[e, v],
+    )];
     for il in 0..cfg.n_layer {
         out.extend(layer_plan(cfg, il));
     }
@@ -271,7 +290,7 @@ fn layer_plan(cfg: &SynthConfig, il: u32) -> Vec<Planned> {
         planned(n("attn_q"), Kind::Matrix, &[e, q]),
         planned(n("attn_k"), Kind::Matrix, &[e, kv]),
         planned(n("attn_v"), Kind::Matrix, &[e, kv]),
-        planned(n("attn_output"), Kind::Matrix, &[q, e]),
+        planned(n("attn_output"), Kind::Output, &[q, e]),
     ];
     if cfg.arch == SynthArch::Qwen3Moe {
         out.push(planned(n("attn_q_norm"), Kind::Norm, &[hd]));
@@ -283,25 +302,57 @@ fn layer_plan(cfg: &SynthConfig, il: u32) -> Vec<Planned> {
         out.push(planned(n("ffn_gate_inp"), Kind::Router, &[e, x]));
         out.push(planned(n("ffn_gate_exps"), Kind::Matrix, &[e, f, x]));
         out.push(planned(n("ffn_up_exps"), Kind::Matrix, &[e, f, x]));
-        out.push(planned(n("ffn_down_exps"), Kind::Matrix, &[f, e, x]));
+        out.push(planned(n("ffn_down_exps"), Kind::Output, &[f, e, x]));
     } else {
         let f = cfg.n_ff;
         out.push(planned(n("ffn_gate"), Kind::Matrix, &[e, f]));
         out.push(planned(n("ffn_up"), Kind::Matrix, &[e, f]));
-        out.push(planned(n("ffn_down"), Kind::Matrix, &[f, e]));
+        out.push(planned(n("ffn_down"), Kind::Output, &[f, e]));
     }
     out
 }
 
-/// The type and initialisation of a planned tensor.
-fn type_and_init(cfg: &SynthConfig, p: &Planned) -> (GgmlType, Init) {
+/// How a planned tensor's bytes are made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fill {
+    /// Random values ([`Init`]).
+    Random(Init),
+    /// The routing model's token embedding.
+    Embedding,
+    /// The routing model's router of this layer.
+    Router(usize),
+}
+
+/// The type and content of a planned tensor.
+fn type_and_fill(cfg: &SynthConfig, p: &Planned) -> (GgmlType, Fill) {
     let fan_in = p.dims.first().copied().unwrap_or(1).max(1);
     let std = 1.0 / (fan_in as f32).sqrt();
+    let random = Fill::Random(Init::Random { std });
+    let routed = cfg.routing.is_some();
     match p.kind {
-        Kind::Matrix => (cfg.matrix_type(fan_in), Init::Random { std }),
-        Kind::Router => (GgmlType::F32, Init::Random { std }),
-        Kind::Norm => (GgmlType::F32, Init::Ones { noise: NORM_NOISE }),
+        Kind::Embedding if routed => (routing::embedding_type(cfg), Fill::Embedding),
+        Kind::Router if routed => (GgmlType::F32, Fill::Router(layer_of(&p.name))),
+        Kind::Output if routed => (
+            cfg.matrix_type(fan_in),
+            Fill::Random(Init::Random {
+                std: std * routing::output_scale(cfg),
+            }),
+        ),
+        Kind::Matrix | Kind::Embedding | Kind::Output => (cfg.matrix_type(fan_in), random),
+        Kind::Router => (GgmlType::F32, random),
+        Kind::Norm => (
+            GgmlType::F32,
+            Fill::Random(Init::Ones { noise: NORM_NOISE }),
+        ),
     }
+}
+
+/// `N` of a `blk.N.…` name (0 otherwise).
+fn layer_of(name: &str) -> usize {
+    name.strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The metadata llama.cpp needs to load the model.
@@ -316,6 +367,9 @@ fn add_metadata(cfg: &SynthConfig, w: &mut GgufWriter) -> Result<(), GgufError> 
     w.add_kv("general.file_type", cfg.file_type())?;
     w.add_kv("general.quantization_version", 2u32)?;
     w.add_kv("hypura.synthetic.seed", cfg.seed)?;
+    if let Some(r) = cfg.routing {
+        w.add_kv("hypura.synthetic.routing", r.describe())?;
+    }
     w.add_kv(&k("context_length"), cfg.n_ctx)?;
     w.add_kv(&k("embedding_length"), cfg.n_embd)?;
     w.add_kv(&k("block_count"), cfg.n_layer)?;
@@ -342,7 +396,7 @@ fn add_metadata(cfg: &SynthConfig, w: &mut GgufWriter) -> Result<(), GgufError> 
 
 /// A writer with all metadata and tensor infos of `cfg`, ready to `write`,
 /// and each tensor's initialisation.
-fn build(cfg: &SynthConfig, path: &Path) -> Result<(GgufWriter, Vec<Init>), SynthError> {
+fn build(cfg: &SynthConfig, path: &Path) -> Result<(GgufWriter, Vec<Fill>), SynthError> {
     cfg.validate()?;
     let mut w = GgufWriter::new(path);
     if cfg.alignment != super::DEFAULT_ALIGNMENT {
@@ -351,7 +405,7 @@ fn build(cfg: &SynthConfig, path: &Path) -> Result<(GgufWriter, Vec<Init>), Synt
     add_metadata(cfg, &mut w)?;
     let mut inits = Vec::new();
     for p in tensor_plan(cfg) {
-        let (t, init) = type_and_init(cfg, &p);
+        let (t, init) = type_and_fill(cfg, &p);
         w.add_tensor(&p.name, t, &p.dims)?;
         inits.push(init);
     }
@@ -402,16 +456,17 @@ pub fn generate(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SynthSummary, SynthError> {
     let (w, inits) = build(cfg, path)?;
+    let routing = cfg.routing.map(|r| RoutingModel::new(cfg, r));
     let total = w.file_size()?;
     let header = w.data_offset()?;
     let mut done = header;
     progress(done, total);
     let mut index = 0usize;
     let bytes = w.write(|spec, out| {
-        let init = inits
+        let fill = inits
             .get(index)
             .copied()
-            .unwrap_or(Init::Random { std: 0.01 });
+            .unwrap_or(Fill::Random(Init::Random { std: 0.01 }));
         let mut rng = Rng::for_stream(cfg.seed, index as u64);
         index += 1;
         let mut counting = Progress {
@@ -421,7 +476,18 @@ pub fn generate(
             progress: &mut *progress,
         };
         let n_elements = spec.dims.iter().product();
-        blocks::write_tensor_data(spec.ggml_type, n_elements, init, &mut rng, &mut counting)
+        match (fill, &routing) {
+            (Fill::Embedding, Some(r)) => {
+                r.write_embedding(spec.ggml_type, cfg.n_vocab, &mut counting)
+            }
+            (Fill::Router(l), Some(r)) => r.write_router(l, &mut counting),
+            (Fill::Random(init), _) => {
+                blocks::write_tensor_data(spec.ggml_type, n_elements, init, &mut rng, &mut counting)
+            }
+            _ => Err(std::io::Error::other(
+                "routing fill without a routing model",
+            )),
+        }
     })?;
     progress(bytes, total);
     Ok(SynthSummary {

@@ -7,6 +7,8 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::engine::stream::fake::{bytes_at, Complete, FakeModel, FakeReader};
+use crate::engine::stream::policy::PolicyKind;
+use crate::engine::stream::trace::{simulate, Trace, TraceWriter};
 
 const N: usize = 8;
 /// Bytes per expert of each of a layer's three tensors.
@@ -132,6 +134,7 @@ fn hits_misses_and_evictions_follow_a_reference_lru() {
         let mut io = m.reader(complete);
         // Lookahead 0: no read-ahead, the cache alone.
         let mut c = cache(&m, 0, cap as u64);
+        c.set_policy(PolicyKind::Lru);
         let mut metrics = StreamMetrics::default();
         let mut lru = RefLru {
             cap,
@@ -279,4 +282,134 @@ fn router_ids_are_checked_and_deduplicated() {
     assert_eq!(format!("{e}"), "layer 0: router picked expert 8 of 8");
     assert!(c.select(0, -1, N).is_err());
     assert!(c.has_layer(0) && !c.has_layer(1));
+}
+
+/// Replays `t` through the cache (lookahead 0, policy `k`): hits and misses.
+fn replay(m: &FakeModel, t: &Trace, cap: u64, k: PolicyKind) -> (u64, u64) {
+    let mut io = m.reader(Complete::Reversed);
+    let mut c = cache(m, 0, cap);
+    c.set_policy(k);
+    let mut metrics = StreamMetrics::default();
+    let mut pass = 0;
+    for (p, layer, picks) in t.steps() {
+        if p != pass {
+            assert_eq!(p, pass + 1, "passes in order");
+            next_pass(&mut c, &mut metrics);
+            pass = p;
+        }
+        let ids: Vec<i32> = picks.iter().map(|&e| e as i32).collect();
+        pick(m, &mut c, &mut io, &mut metrics, layer, 2, &ids);
+    }
+    (metrics.expert_hits, metrics.expert_misses)
+}
+
+#[test]
+fn a_routing_trace_replays_to_the_reference_lru_hit_rate() {
+    let (n_layer, cap) = (3, 7u64);
+    let m = model(n_layer);
+    let synth = crate::engine::stream::trace::tests::synth_trace(
+        "zipf:1,corr:0.5",
+        n_layer as u32,
+        N as u32,
+        2,
+        400,
+        cap,
+    );
+    // Through the file, with this cache's accounting in the header.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zipf.trace");
+    let layers: Vec<(usize, usize, u64)> = (0..n_layer).map(|l| (l, N, expert_mem())).collect();
+    let mut w = TraceWriter::create(&path, cap * expert_mem(), &layers).unwrap();
+    for (p, l, tok, ids) in &synth.records {
+        w.record(*p, *l, *tok, ids).unwrap();
+    }
+    w.flush().unwrap();
+    let t = Trace::read(&path).unwrap();
+
+    let mut lru = RefLru {
+        cap: cap as usize,
+        resident: BTreeMap::new(),
+        hits: 0,
+        misses: 0,
+    };
+    for (p, layer, picks) in t.steps() {
+        lru.select(layer, &picks, p);
+    }
+    let cache_lru = replay(&m, &t, cap, PolicyKind::Lru);
+    assert_eq!(cache_lru, (lru.hits, lru.misses));
+    let sim = simulate(&t, |n| policy::policy(PolicyKind::Lru, n), 0).unwrap();
+    assert_eq!((sim.hits, sim.misses), cache_lru);
+    // Some hits, some misses: the comparison means something.
+    assert!(lru.hits > 100 && lru.misses > 100, "{:?}", cache_lru);
+
+    // The frequency policy: the cache and the simulator agree too.
+    let cache_freq = replay(&m, &t, cap, PolicyKind::Frequency);
+    let sim = simulate(&t, |n| policy::policy(PolicyKind::Frequency, n), 0).unwrap();
+    assert_eq!((sim.hits, sim.misses), cache_freq);
+    assert_ne!(cache_freq, cache_lru, "two policies, one outcome");
+}
+
+/// A reader that notes how many reads were in flight at each wait.
+struct DepthAtWait {
+    inner: FakeReader,
+    depths: Vec<usize>,
+}
+
+impl ReadBackend for DepthAtWait {
+    fn info(&self) -> &crate::io::ReaderInfo {
+        self.inner.info()
+    }
+    fn add_file(&mut self, path: &std::path::Path) -> Result<FileId, crate::io::IoError> {
+        self.inner.add_file(path)
+    }
+    fn file_len(&self, file: FileId) -> Option<u64> {
+        self.inner.file_len(file)
+    }
+    fn register_buffers(&mut self, r: &[(*mut u8, usize)]) -> Result<bool, crate::io::IoError> {
+        self.inner.register_buffers(r)
+    }
+    unsafe fn submit(&mut self, req: ReadRequest) -> Result<Ticket, crate::io::IoError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.inner.submit(req) }
+    }
+    fn submit_owned(
+        &mut self,
+        file: FileId,
+        off: u64,
+        len: usize,
+        buf: crate::io::AlignedBuf,
+    ) -> Result<Ticket, crate::io::IoError> {
+        self.inner.submit_owned(file, off, len, buf)
+    }
+    fn wait(&mut self, t: Ticket) -> Result<crate::io::Completion, crate::io::IoError> {
+        self.depths.push(self.inner.outstanding());
+        self.inner.wait(t)
+    }
+    fn try_wait(&mut self, t: Ticket) -> Result<Option<crate::io::Completion>, crate::io::IoError> {
+        self.inner.try_wait(t)
+    }
+    fn outstanding(&self) -> usize {
+        self.inner.outstanding()
+    }
+}
+
+#[test]
+fn a_layers_misses_are_all_in_flight_before_the_first_wait() {
+    let m = model(1);
+    let mut io = DepthAtWait {
+        inner: m.reader(Complete::WhenCollected { polls: 0 }),
+        depths: Vec::new(),
+    };
+    let mut c = cache(&m, 0, 8);
+    let mut metrics = StreamMetrics::default();
+    next_pass(&mut c, &mut metrics);
+    c.clear_selection();
+    for id in [6, 1, 4, 2] {
+        c.select(0, id, N).unwrap();
+    }
+    c.load_selected(0, 4, &mut io, &mut metrics, None).unwrap();
+    // 4 experts × 3 tensors, one request each, all queued at the first wait.
+    assert_eq!(metrics.reads, 12);
+    assert_eq!(io.depths.first(), Some(&12), "{:?}", io.depths);
+    assert_eq!(io.outstanding(), 0);
 }

@@ -1,0 +1,165 @@
+//! `hypura gen --routing`: token-dependent expert routing. At temperature 1
+//! over 128 generated tokens, uniform routing (S = 0) uses ≥ 90% of each
+//! layer's experts (read from `run --routing-trace`); routed models stream
+//! bit-identically; bad specs fail cleanly.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::{check_bit_identical, gen, hypura};
+
+const EXPERTS: usize = 32;
+const LAYERS: usize = 4;
+
+fn moe(out: &Path, routing: Option<&str>) {
+    let mut args = vec![
+        "--arch",
+        "qwen3moe",
+        "--layers",
+        "4",
+        "--embd",
+        "256",
+        "--experts",
+        "32",
+        "--experts-used",
+        "4",
+        "--ff-exp",
+        "128",
+        "--type",
+        "q8_0",
+        "--seed",
+        "21",
+    ];
+    if let Some(r) = routing {
+        args.extend(["--routing", r]);
+    }
+    gen(out, &args);
+}
+
+/// Distinct experts per layer over the generated tokens (passes of one
+/// token after the prompt's) of a 128-token run at temperature 1.
+fn experts_used(model: &Path, trace: &Path) -> Vec<usize> {
+    let o = hypura()
+        .args([
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The quick brown fox jumps over",
+            "--temp",
+            "1",
+            "--seed",
+            "5",
+            "--max-tokens",
+            "128",
+            "--threads",
+            "2",
+            "--mode",
+            "experts",
+            "--ram-budget",
+            "4M",
+            "--json",
+            "--routing-trace",
+        ])
+        .arg(trace)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "run failed: {err}");
+    let text = std::fs::read_to_string(trace).unwrap();
+    assert!(
+        text.starts_with("# hypura routing trace v1\n"),
+        "{text:.200}"
+    );
+    let rows: Vec<Vec<usize>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("t "))
+        .map(|l| l.split(' ').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    let prompt_end = rows
+        .iter()
+        .filter(|r| r[2] > 0)
+        .map(|r| r[0])
+        .max()
+        .unwrap();
+    let mut used = vec![BTreeSet::new(); LAYERS];
+    let mut gen_passes = BTreeSet::new();
+    for r in rows.iter().filter(|r| r[0] > prompt_end) {
+        assert_eq!(r.len(), 3 + 4, "{r:?}");
+        gen_passes.insert(r[0]);
+        used[r[1]].extend(r[3..].iter().copied());
+    }
+    // The last generated token is sampled, not decoded.
+    assert!(gen_passes.len() >= 126, "{} passes", gen_passes.len());
+    used.iter().map(|s| s.len()).collect()
+}
+
+#[test]
+fn uniform_routing_uses_nearly_every_expert_at_temperature_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (routed, plain) = (dir.path().join("zipf0.gguf"), dir.path().join("plain.gguf"));
+    moe(&routed, Some("zipf:0"));
+    moe(&plain, None);
+    let with = experts_used(&routed, &dir.path().join("zipf0.trace"));
+    let without = experts_used(&plain, &dir.path().join("plain.trace"));
+    eprintln!("experts used per layer of {EXPERTS}: routed {with:?}, plain {without:?}");
+    for (l, &n) in with.iter().enumerate() {
+        assert!(
+            n * 10 >= EXPERTS * 9,
+            "layer {l}: {n} of {EXPERTS} experts: {with:?}"
+        );
+    }
+    // Skewed routing concentrates on the popular experts.
+    let skewed = dir.path().join("zipf2.gguf");
+    moe(&skewed, Some("zipf:2"));
+    let few = experts_used(&skewed, &dir.path().join("zipf2.trace"));
+    eprintln!("zipf:2 {few:?}");
+    assert!(
+        few.iter().sum::<usize>() < with.iter().sum::<usize>(),
+        "{few:?} vs {with:?}"
+    );
+}
+
+/// Routed models stream with misses every token (the cache, frequency
+/// policy, evicts): logits still equal the resident run's.
+#[test]
+fn routed_moe_streaming_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("zipf.gguf");
+    moe(&m, Some("zipf:0.8,corr:0.5"));
+    check_bit_identical(&m, "4M", "experts");
+}
+
+#[test]
+fn bad_routing_specs_fail_with_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    for (spec, arch, needle) in [
+        ("zipf:x", "qwen3moe", "zipf:S[,corr:C]"),
+        ("zipf:1,corr:1.5", "mixtral", "from 0 to 1"),
+        ("zipf:1", "llama", "needs an MoE"),
+    ] {
+        let o = hypura()
+            .args([
+                "gen",
+                "--arch",
+                arch,
+                "--out",
+                out.to_str().unwrap(),
+                "--routing",
+                spec,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{spec}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error:") && first.contains(needle),
+            "{spec}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists());
+    }
+}
