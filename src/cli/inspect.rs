@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::engine::placement::{plan_for_machine, PlacementArgs};
+use crate::engine::placement::{plan_for_machine, CtxRequest, PlacementArgs};
 use crate::scheduler::{Mode, Plan, Tier};
 
 use crate::gguf::{ArchParams, GgufFile, MetaValue, TensorInfo, TensorRole};
@@ -36,11 +36,17 @@ pub struct InspectArgs {
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let file = GgufFile::open(&args.model)?;
     let mut report = Report::build(&file, args.tensors);
-    report.plan = Some(plan_for_machine(
+    let fitted = plan_for_machine(
         &file,
         &args.placement,
-        crate::scheduler::default_ctx(&file),
-    )?);
+        CtxRequest {
+            n_ctx: crate::scheduler::default_ctx(&file),
+            n_batch: crate::engine::context::ContextOptions::default().n_batch,
+            explicit: false,
+        },
+    )?;
+    report.n_ctx = Some(fitted.n_ctx);
+    report.plan = Some(fitted.plan);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = if args.json {
@@ -80,6 +86,9 @@ pub struct Report<'a> {
     /// The placement plan for this machine and budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<Plan>,
+    /// The context size the plan leaves room for (tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_ctx: Option<u32>,
 }
 
 /// Container-level facts.
@@ -170,6 +179,7 @@ impl<'a> Report<'a> {
             metadata: file.metadata.iter().map(|(k, v)| kv_row(k, v)).collect(),
             tensors: with_tensors.then_some(file.tensors.as_slice()),
             plan: None,
+            n_ctx: None,
         }
     }
 }
@@ -253,7 +263,7 @@ pub fn render_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     render_roles(r, out)?;
     render_layers(r, out)?;
     if let Some(plan) = &r.plan {
-        render_plan(plan, out)?;
+        render_plan(plan, r.n_ctx, out)?;
     }
     if let Some(tensors) = r.tensors {
         render_tensors(tensors, r.plan.as_ref(), out)?;
@@ -363,10 +373,11 @@ fn render_layers(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     Ok(())
 }
 
-fn render_plan(p: &Plan, out: &mut dyn Write) -> std::io::Result<()> {
+fn render_plan(p: &Plan, n_ctx: Option<u32>, out: &mut dyn Write) -> std::io::Result<()> {
+    let ctx = n_ctx.map_or(String::new(), |n| format!(", context {n} tokens"));
     writeln!(
         out,
-        "\nplacement plan (RAM budget {})",
+        "\nplacement plan (RAM budget {}{ctx})",
         human_bytes(p.ram_budget)
     )?;
     writeln!(out, "  mode            {}", p.mode.label())?;

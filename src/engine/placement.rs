@@ -8,8 +8,10 @@ use anyhow::Result;
 
 use super::device::{Device, Upload};
 use crate::gguf::GgufFile;
+use crate::scheduler::budget::{non_weight_bytes, ram_budget_for, CTX_FLOOR};
+use crate::scheduler::plan::RamTooSmall;
 use crate::scheduler::{
-    format_bytes, gpu_headroom, parse_size_arg, ram_budget_for, GpuInput, Mode, Plan, PlanInput,
+    format_bytes, gpu_headroom, parse_size_arg, GpuInput, Mode, Plan, PlanInput,
 };
 
 /// Placement choices a user can make on the command line (`run`, `inspect`, `bench`).
@@ -42,10 +44,58 @@ pub struct PlacementArgs {
     pub lookahead: Option<usize>,
 }
 
-/// Default RAM budget for weights: the memory this process may use now
-/// (cgroup-aware, read live) less the scheduler's headroom.
-pub fn default_ram_budget() -> u64 {
-    ram_budget_for(crate::profiler::memory::usable_now())
+/// The context a plan is made for.
+#[derive(Debug, Clone, Copy)]
+pub struct CtxRequest {
+    /// Tokens of context.
+    pub n_ctx: u32,
+    /// Prompt batch size.
+    pub n_batch: u32,
+    /// The user chose `n_ctx` (`--ctx`): never lowered.
+    pub explicit: bool,
+}
+
+/// A plan and the context it leaves room for.
+#[derive(Debug)]
+pub struct Fitted {
+    pub plan: Plan,
+    /// The context size to create (lower than asked when memory is short).
+    pub n_ctx: u32,
+}
+
+/// The RAM budget for weights: the user's, or else the memory this process
+/// may use now (cgroup-aware, read live) less what the context and the rest
+/// of the process need (scheduler::budget). A budget the user gave that is
+/// more than the usable memory itself cannot be held: it is lowered to the
+/// default, with a note; one above the default but within the usable memory
+/// is honoured, with a note that it leaves the context little room.
+fn ram_budget(gguf: &GgufFile, asked: Option<u64>, n_ctx: u32, n_batch: u32) -> u64 {
+    let usable = crate::profiler::memory::usable_now();
+    let default = ram_budget_for(usable, non_weight_bytes(gguf, n_ctx, n_batch));
+    match asked {
+        None => default,
+        Some(b) if usable > 0 && b >= usable => {
+            eprintln!(
+                "note: --ram-budget {} lowered to {}: this process may use only {} of memory (MemAvailable, or its memory cgroup's limit), and the {n_ctx}-token context with the rest of the process needs about {} of it",
+                format_bytes(b),
+                format_bytes(default),
+                format_bytes(usable),
+                format_bytes(usable - default.min(usable))
+            );
+            default
+        }
+        Some(b) if usable > 0 && b > default => {
+            eprintln!(
+                "note: --ram-budget {} leaves {} of the {} this process may use for the {n_ctx}-token context and the rest of the process, which need about {}: it may run out of memory",
+                format_bytes(b),
+                format_bytes(usable - b),
+                format_bytes(usable),
+                format_bytes(non_weight_bytes(gguf, n_ctx, n_batch))
+            );
+            b
+        }
+        Some(b) => b,
+    }
 }
 
 /// The GPU the plan may use: `None` with `--gpu-budget 0` or without a GPU.
@@ -92,11 +142,58 @@ pub fn gpu_for_machine(
 }
 
 /// The plan for `gguf` on this machine: the cached profile (if any) gives
-/// the default budget and the bandwidths the estimator uses; the GPU's free
-/// memory is read live (the GPU may be shared).
-pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, n_ctx: u32) -> Result<Plan> {
+/// the bandwidths the estimator uses; the budget is the memory usable now
+/// less the context's needs; the GPU's free memory is read live (the GPU may
+/// be shared). When the default budget is too small for the model at the
+/// asked context and the user did not choose `--ctx`, the context is halved
+/// (down to [`CTX_FLOOR`]) to make room, with a note; only then the plan is
+/// refused, with the numbers.
+pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) -> Result<Fitted> {
+    let mut n_ctx = ctx.n_ctx;
+    loop {
+        let ram_budget = ram_budget(gguf, args.ram_budget, n_ctx, ctx.n_batch);
+        match plan_with_budget(gguf, args, n_ctx, ram_budget) {
+            Ok(plan) => {
+                if n_ctx < ctx.n_ctx {
+                    eprintln!(
+                        "note: context lowered from {} to {n_ctx} tokens so that the model fits in the memory this process may use (pass --ctx to choose, --ram-budget to override)",
+                        ctx.n_ctx
+                    );
+                }
+                return Ok(Fitted { plan, n_ctx });
+            }
+            Err(e) => {
+                let Some(small) = e.downcast_ref::<RamTooSmall>() else {
+                    return Err(e);
+                };
+                let lowerable = args.ram_budget.is_none() && !ctx.explicit && n_ctx > CTX_FLOOR;
+                if lowerable {
+                    n_ctx = (n_ctx / 2).max(CTX_FLOOR);
+                    continue;
+                }
+                if args.ram_budget.is_some() {
+                    return Err(e);
+                }
+                let usable = crate::profiler::memory::usable_now();
+                anyhow::bail!(
+                    "{}; this process may use {} of memory (MemAvailable, or its memory cgroup's limit) and a {n_ctx}-token context with the rest of the process needs {} of it, leaving {} for weights: free memory, run with a smaller --ctx, or give --ram-budget",
+                    small.message,
+                    format_bytes(usable),
+                    format_bytes(non_weight_bytes(gguf, n_ctx, ctx.n_batch)),
+                    format_bytes(ram_budget)
+                );
+            }
+        }
+    }
+}
+
+fn plan_with_budget(
+    gguf: &GgufFile,
+    args: &PlacementArgs,
+    n_ctx: u32,
+    ram_budget: u64,
+) -> Result<Plan> {
     let profile = crate::profiler::load_cached();
-    let ram_budget = args.ram_budget.unwrap_or_else(default_ram_budget);
     let gpu = gpu_for_machine(gguf, args, n_ctx)?.map(|(_, g)| g);
     Plan::new(&PlanInput {
         gguf,

@@ -29,7 +29,7 @@ use super::device::Device;
 use super::generate::{GenStats, Utf8Stream};
 use super::logits::LogitsWriter;
 use super::model::{LoadMode, LoadOptions, Model};
-use super::placement::{plan_for_machine, PlacementArgs};
+use super::placement::{plan_for_machine, CtxRequest, PlacementArgs};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::StopText;
 use super::stream::{Cuts, StreamMetrics, Streamer};
@@ -148,11 +148,20 @@ impl Session {
         // llama.cpp is never handed a malformed file.
         let gguf = GgufFile::open(path)?;
         tracing::info!(arch = ?gguf.architecture(), tensors = gguf.tensors.len(), "model validated");
-        let n_ctx = opts
+        let asked_ctx = opts
             .n_ctx
             .unwrap_or_else(|| crate::scheduler::default_ctx(&gguf));
-        check_ctx(&gguf, n_ctx)?;
-        let plan = plan_for_machine(&gguf, &opts.placement, n_ctx)?;
+        check_ctx(&gguf, asked_ctx)?;
+        let fitted = plan_for_machine(
+            &gguf,
+            &opts.placement,
+            CtxRequest {
+                n_ctx: asked_ctx,
+                n_batch: opts.n_batch,
+                explicit: opts.n_ctx.is_some(),
+            },
+        )?;
+        let (plan, n_ctx) = (fitted.plan, fitted.n_ctx);
         tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, gpu = plan.gpu.is_some(), "plan");
         if opts.gpu_layers.is_some() && plan.mode != Mode::Resident {
             bail!(

@@ -9,6 +9,16 @@ use crate::io::slot_len_for;
 
 use super::size::format_bytes;
 
+/// The plan's error when the RAM budget cannot hold the smallest placement
+/// (the caller may free memory elsewhere, e.g. a smaller context, and retry).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RamTooSmall {
+    /// The smallest RAM budget this model's placement needs.
+    pub needed: u64,
+    pub message: String,
+}
+
 /// How a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -480,13 +490,17 @@ impl Plan {
             } else {
                 "its non-FFN tensors"
             };
-            bail!(
-                "RAM budget {} is too small for this model: {what} need {} and one streamed layer {} (at least {} in all)",
-                format_bytes(input.ram_budget),
-                format_bytes(ram_base),
-                format_bytes(ram_pool(1)),
-                format_bytes(ram_base + ram_pool(1))
-            );
+            return Err(RamTooSmall {
+                needed: ram_base + ram_pool(1),
+                message: format!(
+                    "RAM budget {} is too small for this model: {what} need {} and one streamed layer {} (at least {} in all)",
+                    format_bytes(input.ram_budget),
+                    format_bytes(ram_base),
+                    format_bytes(ram_pool(1)),
+                    format_bytes(ram_base + ram_pool(1))
+                ),
+            }
+            .into());
         }
         // Lookahead costs pool memory; with an adaptive depth shrink it to fit.
         if !fits(lookahead) {
@@ -659,12 +673,16 @@ impl Plan {
             .saturating_mul(max_layer_expert)
             .saturating_mul((lookahead as u64).saturating_add(1));
         if input.ram_budget < ram_base.saturating_add(min_pool) {
-            bail!(
-                "RAM budget {} is too small for this model: its non-expert tensors need {} and the expert pool at least {}",
-                format_bytes(input.ram_budget),
-                format_bytes(ram_base),
-                format_bytes(min_pool)
-            );
+            return Err(RamTooSmall {
+                needed: ram_base.saturating_add(min_pool),
+                message: format!(
+                    "RAM budget {} is too small for this model: its non-expert tensors need {} and the expert pool at least {}",
+                    format_bytes(input.ram_budget),
+                    format_bytes(ram_base),
+                    format_bytes(min_pool)
+                ),
+            }
+            .into());
         }
         let pool_bytes = (input.ram_budget - ram_base)
             .min(streamed_bytes + streamed.len() as u64 * 2 * crate::io::ALIGN as u64);

@@ -199,24 +199,26 @@ fn settings(
         Some(f) => match f.kind.as_str() {
             "text" => JsonOutput::Off,
             "json_object" => JsonOutput::Any,
-            "json_schema" => {
-                match f.json_schema.as_ref().and_then(|j| j.schema.as_ref()) {
-                    Some(schema @ Value::Object(_)) => JsonOutput::Schema(schema.to_string()),
-                    Some(Value::Null) | None => JsonOutput::Any,
-                    Some(other) => return Err(ApiError::bad_request(
+            "json_schema" => match f.json_schema.as_ref().and_then(|j| j.schema.as_ref()) {
+                Some(schema @ Value::Object(_)) => JsonOutput::Schema(schema.to_string()),
+                Some(Value::Null) | None => JsonOutput::Any,
+                Some(other) => {
+                    return Err(ApiError::bad_request(
                         API,
                         format!(
                             "response_format.json_schema.schema must be an object (got {other})"
                         ),
-                    )),
+                    ))
                 }
-            }
-            other => return Err(ApiError::bad_request(
-                API,
-                format!(
+            },
+            other => {
+                return Err(ApiError::bad_request(
+                    API,
+                    format!(
                     "response_format type must be text, json_object or json_schema (got {other:?})"
                 ),
-            )),
+                ))
+            }
         },
     };
     let ov = Overrides {
