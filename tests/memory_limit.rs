@@ -43,6 +43,146 @@ fn in_cgroup(limit: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The cgroup's peak use that in-cgroup.sh (PEAK=1) printed, in MiB.
+fn peak_mib(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("cgroup peak: "))
+        .and_then(|l| l.strip_suffix(" MiB"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no peak in {stderr}"))
+}
+
+/// `hypura run MODEL` with no placement flags in a `limit` cgroup: it must
+/// succeed, stream (`mode` in `modes`) and stay under the limit.
+fn runs_with_no_flags(model: &Path, limit: &str, limit_mib: u64, modes: &[&str]) {
+    let o = in_cgroup(
+        limit,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "4",
+            "--temp",
+            "1",
+            "--seed",
+            "3",
+            "--json",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{} in {limit}: {err}", model.display());
+    let peak = peak_mib(&err);
+    assert!(peak <= limit_mib, "peak {peak} MiB over {limit}");
+    let out = text_of(&o) + &err;
+    let json = &out[out.rfind("{\"mode\"").expect("no report")..];
+    let json = &json[..=json.find('}').unwrap()];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let mode = v["mode"].as_str().unwrap();
+    assert!(modes.contains(&mode), "{}: mode {mode}", model.display());
+    eprintln!(
+        "{} in {limit}: mode {mode}, peak {peak} MiB, {:.2} tok/s",
+        model.display(),
+        v["gen_tps"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn small_models_in_small_cgroups() {
+    let Some(m) = common::model(common::SMOLLM2) else {
+        return;
+    };
+    if !cgroups_usable() {
+        return;
+    }
+    runs_with_no_flags(&m, "160M", 160, &["resident", "dense"]);
+}
+
+#[test]
+fn synthetic_models_twice_and_three_times_the_cgroup() {
+    if !cgroups_usable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dense = dir.path().join("dense2g.gguf");
+    let moe = dir.path().join("moe3g.gguf");
+    for (path, args) in [
+        (
+            &dense,
+            &[
+                "--arch",
+                "llama",
+                "--embd",
+                "2048",
+                "--ff",
+                "5632",
+                "--target-size",
+                "2G",
+            ][..],
+        ),
+        (
+            &moe,
+            &[
+                "--arch",
+                "qwen3moe",
+                "--embd",
+                "1024",
+                "--experts",
+                "64",
+                "--experts-used",
+                "8",
+                "--ff-exp",
+                "768",
+                "--target-size",
+                "3G",
+                "--routing",
+                "zipf:0.8,corr:0.5",
+            ][..],
+        ),
+    ] {
+        let o = common::hypura()
+            .arg("gen")
+            .args(args)
+            .args(["--type", "q8_0", "-o"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    runs_with_no_flags(&dense, "1G", 1024, &["dense"]);
+    runs_with_no_flags(&moe, "1G", 1024, &["experts"]);
+}
+
+/// Gemma 3 270M ties its output matrix to the 262k-token embedding (189 MiB
+/// of its 235 MiB): every token reads all of it, and the plan keeps it
+/// resident, so 220 MiB cannot hold it with a context. The default refuses
+/// with the numbers instead of being killed.
+#[test]
+fn gemma_in_220m_is_refused_cleanly() {
+    let Some(m) = common::model(common::GEMMA3) else {
+        return;
+    };
+    if !cgroups_usable() {
+        return;
+    }
+    let o = in_cgroup(
+        "220M",
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("too small for this model"), "{err}");
+}
+
 fn text_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -74,13 +214,7 @@ fn a_model_bigger_than_the_cgroup_runs_with_no_flags() {
         err.contains("note: context lowered from 4096 to"),
         "expected a lowered context: {err}"
     );
-    let peak: u64 = err
-        .lines()
-        .find_map(|l| l.strip_prefix("cgroup peak: "))
-        .and_then(|l| l.strip_suffix(" MiB"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no peak in {err}"));
-    assert!(peak <= 700, "{peak}");
+    assert!(peak_mib(&err) <= 700, "{err}");
     // The same tokens as resident, outside the cgroup.
     let resident = common::hypura()
         .args(["run", m, "--mode", "resident", "--ctx", "2048"])

@@ -61,9 +61,9 @@ pub fn non_weight_bytes(gguf: &GgufFile, n_ctx: u32, n_batch: u32) -> u64 {
 }
 
 /// Memory kept free beyond the estimate: 1/16 of what is usable, at least
-/// 32 MiB and at most 512 MiB.
+/// 16 MiB and at most 512 MiB.
 pub fn slack(usable: u64) -> u64 {
-    (usable / 16).clamp(32 << 20, 512 << 20)
+    (usable / 16).clamp(16 << 20, 512 << 20)
 }
 
 /// Default budget for weights when `usable` bytes of memory are usable and
@@ -87,6 +87,6 @@ mod tests {
             (640 << 20) - (200 << 20) - (40 << 20)
         );
         assert_eq!(ram_budget_for(100 << 20, 200 << 20), 0);
-        assert_eq!(slack(0), 32 << 20);
+        assert_eq!(slack(0), 16 << 20);
     }
 }
