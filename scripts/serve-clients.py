@@ -90,6 +90,27 @@ check(out.startswith("{"), f"openai json_object {out!r}")
 if r.choices[0].finish_reason == "stop":
     json.loads(out)
 
+# A JSON schema (llama.cpp's schema -> grammar converter): a document of it.
+SCHEMA = {
+    "type": "object",
+    "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}, "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+    "required": ["colour", "legs"],
+    "additionalProperties": False,
+}
+
+
+def check_schema_doc(out, what):
+    doc = json.loads(out)
+    check(set(doc) == {"colour", "legs"} and doc["colour"] in ("red", "green", "blue") and 0 <= doc["legs"] <= 8, f"{what}: {out!r}")
+
+
+r = oa.chat.completions.create(
+    model=name, messages=[{"role": "user", "content": "A spider as JSON."}], temperature=0.7, seed=9, max_tokens=96,
+    response_format={"type": "json_schema", "json_schema": {"name": "animal", "strict": True, "schema": SCHEMA}},
+)
+check(r.choices[0].finish_reason == "stop", "openai json_schema finished")
+check_schema_doc(r.choices[0].message.content, "openai json_schema")
+
 try:
     oa.chat.completions.create(model=name, messages=msgs, n=2)
     check(False, "openai n=2 accepted")
@@ -139,6 +160,10 @@ out = r.response.strip()
 check(out.startswith("{"), f"ollama format json {out!r}")
 if r.done_reason == "stop":
     json.loads(out)
+
+r = ol.generate(model=name, prompt="A cat as JSON.", format=SCHEMA, options={"temperature": 0.7, "seed": 4, "num_predict": 96})
+check(r.done_reason == "stop", "ollama format schema finished")
+check_schema_doc(r.response, "ollama format schema")
 
 try:
     ol.generate(model=name, prompt="x", options={"top_p": 7})
