@@ -23,11 +23,19 @@ fn cgroups_usable() -> bool {
         .unwrap_or(false);
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
     let v1 = Path::new("/sys/fs/cgroup/memory").is_dir();
-    if !(root && (v2 || v1)) {
-        eprintln!("SKIPPED: needs root and a memory cgroup controller");
-        return false;
+    // A cgroup this process may make (a read-only /sys/fs/cgroup in a
+    // container answers EROFS or EPERM).
+    let probe = if v2 {
+        format!("/sys/fs/cgroup/hypura-probe-{}", std::process::id())
+    } else {
+        format!("/sys/fs/cgroup/memory/hypura-probe-{}", std::process::id())
+    };
+    let can = root && (v2 || v1) && std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    if !can {
+        eprintln!("SKIPPED: needs root and a memory cgroup controller it may use");
     }
-    true
+    can
 }
 
 fn in_cgroup(limit: &str, args: &[&str]) -> Output {

@@ -25,7 +25,14 @@ fn a_throttled_disk_is_slow_not_wrong() {
                 .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
         })
         .unwrap_or(false);
-    if !(blkio && root) {
+    let probe = if Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
+        format!("/sys/fs/cgroup/hypura-probe-{}", std::process::id())
+    } else {
+        format!("/sys/fs/cgroup/blkio/hypura-probe-{}", std::process::id())
+    };
+    let can = blkio && root && std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    if !can {
         eprintln!("SKIPPED: needs root and a blkio/io cgroup controller");
         return;
     }
