@@ -61,7 +61,15 @@ pub struct Fitted {
     pub plan: Plan,
     /// The context size to create (lower than asked when memory is short).
     pub n_ctx: u32,
+    /// No streaming plan fits: the model runs resident on llama.cpp's mmap
+    /// path (no repacking), its pages read on demand and evicted by the
+    /// kernel — slow, but it runs (see [`plan_for_machine`]).
+    pub mmap_fallback: bool,
 }
+
+/// The smallest default budget with which the mmap fallback is tried: below
+/// it the page cache could not hold even a layer's worth of the model.
+pub const MMAP_FALLBACK_MIN: u64 = 32 << 20;
 
 /// The RAM budget for weights: the user's, or else the memory this process
 /// may use now (cgroup-aware, read live) less what the context and the rest
@@ -146,8 +154,10 @@ pub fn gpu_for_machine(
 /// less the context's needs; the GPU's free memory is read live (the GPU may
 /// be shared). When the default budget is too small for the model at the
 /// asked context and the user did not choose `--ctx`, the context is halved
-/// (down to [`CTX_FLOOR`]) to make room, with a note; only then the plan is
-/// refused, with the numbers.
+/// (down to [`CTX_FLOOR`]) to make room, with a note; then, on the CPU, the
+/// model runs resident on llama.cpp's mmap path (`Fitted::mmap_fallback`,
+/// with a note); only when not even that leaves [`MMAP_FALLBACK_MIN`] for
+/// the page cache is the plan refused, with the numbers.
 pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) -> Result<Fitted> {
     let mut n_ctx = ctx.n_ctx;
     loop {
@@ -160,7 +170,11 @@ pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) 
                         ctx.n_ctx
                     );
                 }
-                return Ok(Fitted { plan, n_ctx });
+                return Ok(Fitted {
+                    plan,
+                    n_ctx,
+                    mmap_fallback: false,
+                });
             }
             Err(e) => {
                 let Some(small) = e.downcast_ref::<RamTooSmall>() else {
@@ -173,6 +187,26 @@ pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) 
                 }
                 if args.ram_budget.is_some() {
                     return Err(e);
+                }
+                // The tensors a streaming plan keeps resident do not fit (a
+                // large tied output matrix, say): on the CPU with no mode
+                // forced, fall back to llama.cpp's mmap path rather than refuse.
+                let cpu_only = gpu_for_machine(gguf, args, n_ctx)?.is_none();
+                if cpu_only && args.mode.is_none() && ram_budget >= MMAP_FALLBACK_MIN {
+                    let resident = PlacementArgs {
+                        mode: Some(Mode::Resident),
+                        ..args.clone()
+                    };
+                    let plan = plan_with_budget(gguf, &resident, n_ctx, ram_budget)?;
+                    eprintln!(
+                        "note: {}; running on llama.cpp's mmap path instead (weights paged in from disk on demand: slow); a {n_ctx}-token context",
+                        small.message
+                    );
+                    return Ok(Fitted {
+                        plan,
+                        n_ctx,
+                        mmap_fallback: true,
+                    });
                 }
                 let usable = crate::profiler::memory::usable_now();
                 anyhow::bail!(

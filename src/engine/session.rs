@@ -162,6 +162,18 @@ impl Session {
             },
         )?;
         let (plan, n_ctx) = (fitted.plan, fitted.n_ctx);
+        // The mmap fallback: pages of the file, not allocated copies.
+        let fallback_opts;
+        let opts = if fitted.mmap_fallback {
+            fallback_opts = SessionOptions {
+                load_mode: LoadMode::Mmap,
+                repack: false,
+                ..opts.clone()
+            };
+            &fallback_opts
+        } else {
+            opts
+        };
         tracing::info!(mode = ?plan.mode, streamed = plan.streamed.len(), lookahead = plan.lookahead, gpu = plan.gpu.is_some(), "plan");
         if opts.gpu_layers.is_some() && plan.mode != Mode::Resident {
             bail!(
