@@ -196,7 +196,15 @@ fn gemma_in_220m_runs_on_the_mmap_fallback() {
     // The fallback does not repack (repacked copies would be anonymous
     // memory), so the reference does not either: same kernels, same text.
     let resident = common::hypura()
-        .args(["run", m, "--mode", "resident", "--ctx", "512", "--no-repack"])
+        .args([
+            "run",
+            m,
+            "--mode",
+            "resident",
+            "--ctx",
+            "512",
+            "--no-repack",
+        ])
         .args(gen)
         .output()
         .unwrap();

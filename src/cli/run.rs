@@ -203,6 +203,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let sampling = args.sampling.params()?;
     crate::engine::interrupt::install_handlers()?;
     let mut session = load_with_progress(&args.model, &args.session_options())?;
+    crate::engine::interrupt::loaded();
     let mut logits_out = match &args.logits_out {
         Some(p) => Some(LogitsWriter::create(p, session.model().n_vocab())?),
         None => None,

@@ -3,16 +3,33 @@
 //! (ggml's abort callback, checked between graph nodes) and the token loop
 //! all see it within moments — so the command can drain its I/O, join its
 //! threads, flush its output and exit with 128 + the signal. A second signal
-//! exits at once.
+//! exits at once, and so does any signal while the model is still loading
+//! (nothing to flush yet; see `LOADING`).
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use anyhow::{Context as _, Result};
 
 /// The signal that asked to stop (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// Set from [`install_handlers`] until [`loaded`]: while the model loads
+/// there is nothing to flush, drain or join (the streamer does not exist
+/// yet), and llama.cpp checks the stop request only between tensors — its
+/// vocabulary load alone can take a second — so a signal exits at once.
+static LOADING: AtomicBool = AtomicBool::new(false);
+
+const LOAD_MSG: &[u8] = b"\nerror: interrupted while loading the model\n";
+
 extern "C" fn on_signal(sig: libc::c_int) {
+    if LOADING.load(Ordering::SeqCst) {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is
+        // a static of the given length.
+        unsafe {
+            libc::write(2, LOAD_MSG.as_ptr().cast(), LOAD_MSG.len());
+            libc::_exit(128 + sig);
+        }
+    }
     if SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
         // SAFETY: _exit is async-signal-safe and takes no pointers.
         unsafe { libc::_exit(128 + sig) };
@@ -20,8 +37,10 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// Routes SIGINT and SIGTERM to the stop request (for the commands that
-/// generate; `serve` has its own graceful shutdown).
+/// generate; `serve` has its own graceful shutdown). Until [`loaded`] is
+/// called, a signal exits at once (see `LOADING`).
 pub fn install_handlers() -> Result<()> {
+    LOADING.store(true, Ordering::SeqCst);
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let act = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -29,11 +48,18 @@ pub fn install_handlers() -> Result<()> {
         SigSet::empty(),
     );
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only swaps an atomic and calls _exit.
+        // SAFETY: the handler only touches atomics and calls write(2) and
+        // _exit(2), which are async-signal-safe.
         unsafe { sigaction(sig, &act) }
             .with_context(|| format!("cannot install a {sig} handler"))?;
     }
     Ok(())
+}
+
+/// The model is loaded: from now on a signal is a stop request the engine
+/// honours (output flushed, I/O drained, threads joined).
+pub fn loaded() {
+    LOADING.store(false, Ordering::SeqCst);
 }
 
 /// Whether a stop was asked for.
