@@ -641,3 +641,52 @@ fn mutated_files_through_the_binary_exit_1_with_one_line() {
     }
     eprintln!("{cases} mutated files, inspect and run: {ok} succeeded, {failed} failed cleanly");
 }
+
+/// An EIO injected into a streamed read mid-generation (the hidden
+/// `HYPURA_FAULT`, see `io::fault`): exit code 1, an error naming the file
+/// and the offset, and what was printed is a prefix of the fault-free text
+/// (no token after the fault).
+#[test]
+fn a_read_fault_mid_run_stops_it_cleanly() {
+    let Some(m) = common::model(common::SMOLLM2) else {
+        return;
+    };
+    let p = m.to_str().unwrap();
+    let mut args = vec![
+        "run",
+        p,
+        "--prompt",
+        "The capital of France is",
+        "--temp",
+        "0",
+    ];
+    args.extend([
+        "-n",
+        "24",
+        "--ram-budget",
+        "60M",
+        "--ctx",
+        "512",
+        "--threads",
+        "1",
+    ]);
+    let good = exec(&args);
+    assert!(good.status.success(), "{good:?}");
+    let o = hypura()
+        .args(&args)
+        .env("HYPURA_FAULT", "eio@300")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error: ")).expect(&err);
+    assert!(
+        line.contains("EIO") && line.contains(p) && line.contains("at offset "),
+        "{line}"
+    );
+    let (out, good_out) = (o.stdout, good.stdout);
+    assert!(
+        out.len() < good_out.len() && good_out.starts_with(&out),
+        "{out:?}"
+    );
+}

@@ -210,8 +210,15 @@ impl Session {
                     backend: opts.io_backend,
                     ..crate::io::IoOptions::default()
                 };
-                let reader = crate::io::open_reader(path, &io)
+                let mut reader = crate::io::open_reader(path, &io)
                     .with_context(|| format!("{}: cannot open for streaming", path.display()))?;
+                // Hidden, for fault-injection tests (see `io::fault`).
+                if let Some(faults) =
+                    crate::io::fault::FaultPlan::from_env().map_err(anyhow::Error::msg)?
+                {
+                    tracing::warn!("HYPURA_FAULT: injecting read faults: {faults:?}");
+                    reader = Box::new(crate::io::fault::FaultReader::new(reader, path, faults));
+                }
                 // SAFETY: the model that owns the tensors `buft` reported is a
                 // field of the session declared after the streamer, so it is
                 // dropped after it (module docs); the context holds it too.

@@ -32,6 +32,8 @@
 
 mod buf;
 mod error;
+#[doc(hidden)]
+pub mod fault;
 mod file;
 mod pread;
 mod table;

@@ -400,11 +400,21 @@ impl DenseSlots {
                 LayerState::Loading => {
                     let t0 = Instant::now();
                     let l = self.layers[layer].as_mut().context("dense layer")?;
+                    // Every read is collected, failed or not: none may still be
+                    // writing into the slot when it goes back to the pool.
+                    let mut failed = None;
                     for &tk in &l.tickets {
-                        io.wait(tk)
-                            .with_context(|| format!("layer {layer}: read failed"))?;
+                        if let Err(e) = io.wait(tk) {
+                            failed.get_or_insert(e);
+                        }
                     }
                     l.tickets.clear();
+                    if let Some(e) = failed {
+                        self.abandon(layer);
+                        return Err(
+                            anyhow::Error::new(e).context(format!("layer {layer}: read failed"))
+                        );
+                    }
                     let waited = t0.elapsed().as_nanos() as u64;
                     m.stall_ns += waited;
                     m.io_busy_ns += waited;
@@ -545,6 +555,12 @@ impl DenseSlots {
                     }
                     Ok(None) => j += 1,
                     Err(e) => {
+                        l.tickets.swap_remove(j);
+                        for &tk in &l.tickets {
+                            let _ = io.wait(tk);
+                        }
+                        l.tickets.clear();
+                        self.abandon(layer);
                         return Err(
                             anyhow::Error::new(e).context(format!("layer {layer}: read failed"))
                         );
@@ -559,6 +575,21 @@ impl DenseSlots {
             }
         }
         Ok(())
+    }
+
+    /// A read of `layer` failed and all of them have been collected: the
+    /// layer is idle again (read afresh when next needed), its slot free.
+    fn abandon(&mut self, layer: usize) {
+        let Some(l) = self.layers[layer].as_mut() else {
+            return;
+        };
+        debug_assert!(l.tickets.is_empty());
+        l.state = LayerState::Idle;
+        if l.slot != usize::MAX {
+            debug_assert!(!self.free_slots.contains(&l.slot));
+            self.free_slots.push(l.slot);
+            l.slot = usize::MAX;
+        }
     }
 
     /// `layer` has computed: its tensors go back to the guard, its slots free.

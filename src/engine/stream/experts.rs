@@ -446,9 +446,28 @@ impl ExpertCache {
             }
         }
         let t0 = Instant::now();
+        // Every read is collected, failed or not: none may still be writing
+        // into the cache when its slot is reused.
+        let mut failed = None;
         for &tk in &self.tickets {
-            io.wait(tk)
-                .with_context(|| format!("layer {layer}: expert read failed"))?;
+            if let Err(e) = io.wait(tk) {
+                failed.get_or_insert(e);
+            }
+        }
+        self.tickets.clear();
+        if let Some(e) = failed {
+            // The layer's loading experts hold bytes of failed reads: they
+            // are empty again, read afresh when next picked.
+            let n = self.n_experts(layer)?;
+            for e in 0..n {
+                if self.layers[layer]
+                    .as_ref()
+                    .is_some_and(|l| l.state[e] == ExpertState::Loading)
+                {
+                    self.evict_expert(layer, e);
+                }
+            }
+            return Err(anyhow::Error::new(e).context(format!("layer {layer}: expert read failed")));
         }
         let waited = t0.elapsed().as_nanos() as u64;
         m.stall_ns += waited;
@@ -705,7 +724,8 @@ impl ExpertCache {
                 // bytes, which nothing computes on (eviction runs in the eval
                 // callback, between computes, and the expert is reloaded before
                 // a later selection uses it) and no read targets (state Loaded,
-                // not Loading). Zero pages replace it.
+                // or Loading with all its reads collected after one failed).
+                // Zero pages replace it.
                 unsafe {
                     libc::madvise(a as *mut c_void, b - a, libc::MADV_DONTNEED);
                 }

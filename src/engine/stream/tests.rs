@@ -460,3 +460,5 @@ fn a_gpu_mode_needs_a_device_and_a_bad_plan_is_an_error() {
         assert_eq!(data_and_buffer(t), (t.reserved, std::ptr::null_mut()));
     }
 }
+
+mod faults;
