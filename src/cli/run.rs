@@ -202,6 +202,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let sampling = args.sampling.params()?;
     crate::engine::interrupt::install_handlers()?;
+    crate::engine::interrupt::loading();
     let mut session = load_with_progress(&args.model, &args.session_options())?;
     crate::engine::interrupt::loaded();
     let mut logits_out = match &args.logits_out {

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 /// The signal that asked to stop (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-/// Set from [`install_handlers`] until [`loaded`]: while the model loads
+/// Set by [`loading`] until [`loaded`] (`run`): while the model loads
 /// there is nothing to flush, drain or join (the streamer does not exist
 /// yet), and llama.cpp checks the stop request only between tensors — its
 /// vocabulary load alone can take a second — so a signal exits at once.
@@ -37,10 +37,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// Routes SIGINT and SIGTERM to the stop request (for the commands that
-/// generate; `serve` has its own graceful shutdown). Until [`loaded`] is
-/// called, a signal exits at once (see `LOADING`).
+/// generate; `serve` has its own graceful shutdown). Between [`loading`]
+/// and [`loaded`] a signal exits at once (see `LOADING`).
 pub fn install_handlers() -> Result<()> {
-    LOADING.store(true, Ordering::SeqCst);
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let act = SigAction::new(
         SigHandler::Handler(on_signal),
@@ -54,6 +53,12 @@ pub fn install_handlers() -> Result<()> {
             .with_context(|| format!("cannot install a {sig} handler"))?;
     }
     Ok(())
+}
+
+/// The command is loading its model and has nothing to flush: a signal now
+/// exits at once (`run`; not the bench, whose children may be running).
+pub fn loading() {
+    LOADING.store(true, Ordering::SeqCst);
 }
 
 /// The model is loaded: from now on a signal is a stop request the engine
