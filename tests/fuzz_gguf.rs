@@ -463,6 +463,8 @@ fn inspect_level(g: &GgufFile, rng: &mut Rng) {
         budget: model / 2,
         h2d_gbps: Some(25.0),
         direct: rng.next_u64().is_multiple_of(2),
+        direct_slots: rng.next_u64().is_multiple_of(2),
+        unified: rng.next_u64().is_multiple_of(4),
     };
     for (i, &ram_budget) in budgets.iter().enumerate() {
         let input = PlanInput {

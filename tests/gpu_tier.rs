@@ -542,3 +542,162 @@ fn a_full_gpu_falls_back_to_the_cpu() {
     ));
     assert!(r["gpu_device"].is_null(), "{r}");
 }
+
+/// `hypura run` on the CPU device with `env` set; (report, stderr).
+fn run_env(
+    m: &Path,
+    out: &Path,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (serde_json::Value, String) {
+    let mut c = hypura();
+    c.args([
+        "run",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox jumps over",
+    ])
+    .args([
+        "--temp",
+        "0",
+        "--max-tokens",
+        "32",
+        "--threads",
+        "2",
+        "--no-repack",
+    ])
+    .args(["--json", "--logits-out"])
+    .arg(out)
+    .args(CPU)
+    .args(extra);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "hypura run {extra:?} {env:?} failed: {err}"
+    );
+    (report(&err), err)
+}
+
+#[test]
+fn direct_slots_the_vulkan_path_match_resident() {
+    // HYPURA_DIRECT_SLOTS makes the CPU device take the path of a device
+    // with addresses of its own (Vulkan): every slot imported as a buffer of
+    // its own, tensors pointed at buffer base + offset, expert slots filled
+    // by reads straight from disk. Same kernels: byte-identical logits.
+    let dir = tempfile::tempdir().unwrap();
+    let moe = dir.path().join("moe.gguf");
+    gen(
+        &moe,
+        &[
+            "--arch",
+            "qwen3moe",
+            "--layers",
+            "6",
+            "--embd",
+            "320",
+            "--experts",
+            "16",
+            "--experts-used",
+            "4",
+            "--ff-exp",
+            "256",
+            "--type",
+            "q4_0",
+            "--seed",
+            "33",
+            "--routing",
+            "zipf:0.5",
+        ],
+    );
+    let want = resident(&moe, dir.path());
+    let slots = [("HYPURA_DIRECT_SLOTS", "1")];
+    for (tag, budget) in [("shared", "5M"), ("dedicated", "64M")] {
+        let out = dir.path().join(format!("{tag}.logits"));
+        let (r, _) = run_env(
+            &moe,
+            &out,
+            &slots,
+            &[
+                "--mode",
+                "gpu-experts",
+                "--gpu-upload",
+                "direct",
+                "--gpu-budget",
+                budget,
+            ],
+        );
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            want,
+            "{tag}: logits differ: {r}"
+        );
+        assert_eq!(r["mode"], "gpu-experts", "{r}");
+        assert_eq!(
+            r["upload_bytes_per_token"].as_f64().unwrap(),
+            0.0,
+            "{tag}: {r}"
+        );
+        assert!(
+            r["read_bytes_per_token"].as_f64().unwrap() > 0.0,
+            "{tag}: {r}"
+        );
+    }
+    let dense = dir.path().join("dense.gguf");
+    gen(
+        &dense,
+        &[
+            "--arch",
+            "llama",
+            "--layers",
+            "6",
+            "--embd",
+            "576",
+            "--ff",
+            "1536",
+            "--heads",
+            "9",
+            "--heads-kv",
+            "3",
+            "--type",
+            "q4_0",
+            "--seed",
+            "34",
+        ],
+    );
+    let want = resident(&dense, dir.path());
+    let args = [
+        "--mode",
+        "gpu-dense",
+        "--gpu-upload",
+        "direct",
+        "--gpu-budget",
+        "9M",
+        "--ram-budget",
+        "6M",
+        "--lookahead",
+        "1",
+    ];
+    let out = dir.path().join("dense-direct.logits");
+    let (r, _) = run_env(&dense, &out, &slots, &args);
+    assert_eq!(std::fs::read(&out).unwrap(), want, "dense direct: {r}");
+    assert_eq!(r["upload_bytes_per_token"].as_f64().unwrap(), 0.0, "{r}");
+    assert!(r["read_bytes_per_token"].as_f64().unwrap() > 0.0, "{r}");
+    // The device refuses the pool's imports (its probe passed): staged
+    // copies instead, with a one-line note, the same logits.
+    let out = dir.path().join("refused.logits");
+    let (r, err) = run_env(&dense, &out, &[("HYPURA_REFUSE_IMPORT", "1")], &args);
+    assert_eq!(std::fs::read(&out).unwrap(), want, "fallback: {r}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("note: CPU did not import the streaming pool")),
+        "{err}"
+    );
+    assert!(
+        r["upload_bytes_per_token"].as_f64().unwrap() > 0.0,
+        "staged copies: {r}"
+    );
+}

@@ -237,6 +237,15 @@ void hypura_tensor_set_name(struct ggml_tensor * tensor, const char * name) {
     ggml_set_name(tensor, name);
 }
 
+// Whether the device implements buffer_from_host_ptr at all. The public
+// ggml_backend_dev_buffer_from_host_ptr calls the pointer unchecked (CUDA and
+// HIP leave it NULL), and a device's caps flag may say false although it is
+// implemented (ggml-vulkan): callers probe with a real import only when this
+// is true.
+int hypura_dev_has_host_ptr_import(ggml_backend_dev_t dev) {
+    return dev != NULL && dev->iface.buffer_from_host_ptr != NULL;
+}
+
 
 
 // ------------------------------------------------ dynamic CPU backend ----

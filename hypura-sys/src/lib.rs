@@ -48,4 +48,7 @@ extern "C" {
     pub fn hypura_tensor_is_hidden(tensor: *const ggml_tensor) -> c_int;
     /// Sets a tensor's name (ggml_set_name).
     pub fn hypura_tensor_set_name(tensor: *mut ggml_tensor, name: *const c_char);
+    /// Whether the device implements `buffer_from_host_ptr` (the function
+    /// pointer is set; CUDA/HIP leave it NULL and ggml calls it unchecked).
+    pub fn hypura_dev_has_host_ptr_import(dev: ggml_backend_dev_t) -> c_int;
 }

@@ -117,12 +117,76 @@ impl Device {
         (free as u64, total as u64)
     }
 
-    /// Whether the device can wrap host memory as one of its buffers.
+    /// Whether the device can compute on host memory imported as one of its
+    /// buffers: its caps flag (Metal, the CPU device), else — ggml-vulkan
+    /// implements the import (VK_EXT_external_memory_host) while its caps
+    /// say no — a real import of a small anonymous mapping, probed once per
+    /// device. Never called where the backend has no import (CUDA, HIP:
+    /// ggml calls the missing function pointer unchecked).
     pub fn wraps_host_memory(&self) -> bool {
         // SAFETY: live device; props is a plain out-struct.
         let mut props: sys::ggml_backend_dev_props = unsafe { std::mem::zeroed() };
         unsafe { sys::ggml_backend_dev_get_props(self.dev, &mut props) };
-        props.caps.buffer_from_host_ptr
+        props.caps.buffer_from_host_ptr || self.import_probe().0
+    }
+
+    /// Whether an imported buffer's addresses are the host addresses (the
+    /// CPU device, Metal: tensors may point anywhere into wrapped memory),
+    /// or the device has addresses of its own (ggml-vulkan: every buffer's
+    /// base is 0x1000; a tensor's `data` is base + its offset, its buffer
+    /// the one import holding it).
+    pub fn imports_at_host_addresses(&self) -> bool {
+        // SAFETY: live device; props is a plain out-struct.
+        let mut props: sys::ggml_backend_dev_props = unsafe { std::mem::zeroed() };
+        unsafe { sys::ggml_backend_dev_get_props(self.dev, &mut props) };
+        // Hidden, for tests: the CPU device takes the per-slot path Vulkan
+        // takes (imports named per slot, device addresses translated).
+        if std::env::var_os("HYPURA_DIRECT_SLOTS").is_some() {
+            return false;
+        }
+        props.caps.buffer_from_host_ptr || self.import_probe().1
+    }
+
+    /// (imports, at host addresses), probed once per device.
+    fn import_probe(&self) -> (bool, bool) {
+        static PROBED: std::sync::Mutex<Vec<(usize, (bool, bool))>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut probed = PROBED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(_, r)) = probed.iter().find(|(d, _)| *d == self.dev as usize) {
+            return r;
+        }
+        let r = self.probe_import();
+        probed.push((self.dev as usize, r));
+        r
+    }
+
+    /// Imports 64 KiB of fresh anonymous private memory (page-aligned, the
+    /// kind RADV and lavapipe accept) and frees it again.
+    fn probe_import(&self) -> (bool, bool) {
+        // SAFETY: live device; the shim only reads its interface table.
+        if unsafe { sys::hypura_dev_has_host_ptr_import(self.dev) } == 0 {
+            return (false, false);
+        }
+        const LEN: usize = 64 << 10;
+        let Ok(map) = HostPages::new(LEN) else {
+            return (false, false);
+        };
+        // SAFETY: `map` is LEN bytes of our own mapped memory, alive until the
+        // buffer wrapping it is freed just below.
+        let buf = unsafe {
+            sys::ggml_backend_dev_buffer_from_host_ptr(self.dev, map.ptr.cast(), LEN, LEN)
+        };
+        if buf.is_null() {
+            return (false, false);
+        }
+        // SAFETY: the buffer we just got, used by nobody else.
+        let base = unsafe { sys::ggml_backend_buffer_get_base(buf) } as *mut u8;
+        unsafe { sys::ggml_backend_buffer_free(buf) };
+        tracing::debug!(
+            "{}: imports host memory (buffer base {base:p})",
+            self.name()
+        );
+        (true, base == map.ptr)
     }
 
     /// The upload path `want` resolves to on this device.
@@ -218,6 +282,43 @@ pub enum Kind {
     Other,
 }
 
+/// Page-aligned anonymous private memory (the probe's import target),
+/// unmapped on drop.
+struct HostPages {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl HostPages {
+    fn new(len: usize) -> Result<HostPages> {
+        use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+        let nz = std::num::NonZeroUsize::new(len).context("empty mapping")?;
+        // SAFETY: a fresh anonymous private mapping at an address of the
+        // kernel's choosing; it overlaps nothing.
+        let p = unsafe {
+            mmap_anonymous(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }?;
+        Ok(HostPages {
+            ptr: p.as_ptr().cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for HostPages {
+    fn drop(&mut self) {
+        if let Some(p) = std::ptr::NonNull::new(self.ptr.cast::<c_void>()) {
+            // SAFETY: our own mapping of `len` bytes; nothing refers to it now.
+            let _ = unsafe { nix::sys::mman::munmap(p, self.len) };
+        }
+    }
+}
+
 /// A ggml backend buffer owned by the engine (freed on drop), marked as
 /// holding weights so ggml's scheduler runs the ops that use them on its device.
 pub struct Buffer {
@@ -267,9 +368,16 @@ impl Buffer {
         len: usize,
         max_tensor: usize,
     ) -> Result<Buffer> {
-        // SAFETY: caller guarantees the range; ggml returns null on failure.
-        let buf = unsafe {
-            sys::ggml_backend_dev_buffer_from_host_ptr(dev.raw(), ptr.cast(), len, max_tensor)
+        // Hidden, for tests: the device refuses every pool import (the probe
+        // still succeeds), so the fallback to staged copies runs.
+        let refused = std::env::var_os("HYPURA_REFUSE_IMPORT").is_some();
+        // SAFETY: caller guarantees the range; ggml returns null on failure;
+        // only called for devices whose probe (or caps) says they import.
+        let buf = match refused {
+            true => std::ptr::null_mut(),
+            false => unsafe {
+                sys::ggml_backend_dev_buffer_from_host_ptr(dev.raw(), ptr.cast(), len, max_tensor)
+            },
         };
         if buf.is_null() {
             bail!(

@@ -36,6 +36,11 @@ pub struct PlacementArgs {
     /// pool: Metal, APUs); auto picks by the device.
     #[arg(long, value_enum, default_value_t = Upload::Auto)]
     pub gpu_upload: Upload,
+    /// The GPU shares one memory with the CPU (an APU), whatever type its
+    /// driver reports (integrated GPUs are so by default): the plan uses the
+    /// RAM budget for both, with no host-to-device copy term.
+    #[arg(long)]
+    pub gpu_unified: bool,
     /// Placement mode (default: chosen from the budgets and the model).
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
@@ -120,10 +125,15 @@ pub fn gpu_for_machine(
     };
     let upload = dev.upload_path(args.gpu_upload)?;
     let (free, total) = dev.memory();
-    let budget = args
-        .gpu_budget
-        .unwrap_or_else(|| free.saturating_sub(gpu_headroom(gguf, n_ctx, total)));
-    if args.gpu_budget.is_some_and(|b| b > free) {
+    let unified = args.gpu_unified || dev.kind() == super::device::Kind::Igpu;
+    // One memory: the plan carves the device's share out of the RAM budget
+    // (what the device reports free may be a small carve-out or all of RAM).
+    let budget = match (args.gpu_budget, unified) {
+        (Some(b), _) => b,
+        (None, true) => u64::MAX,
+        (None, false) => free.saturating_sub(gpu_headroom(gguf, n_ctx, total)),
+    };
+    if !unified && args.gpu_budget.is_some_and(|b| b > free) {
         anyhow::bail!(
             "--gpu-budget {} is more than {} has free ({}): the GPU is shared, Hypura never takes more",
             format_bytes(budget),
@@ -145,6 +155,8 @@ pub fn gpu_for_machine(
             budget,
             h2d_gbps: h2d,
             direct: upload == Upload::Direct,
+            direct_slots: upload == Upload::Direct && !dev.imports_at_host_addresses(),
+            unified,
         },
     )))
 }

@@ -98,6 +98,14 @@ pub struct GpuInput {
     /// The device computes on host memory (Metal, an APU, the CPU device):
     /// no upload, the pool is host memory.
     pub direct: bool,
+    /// Direct through per-layer device slots (a device with addresses of
+    /// its own, e.g. Vulkan): experts are read into imported slots of the
+    /// device budget (like the staged slots), not into the RAM cache.
+    pub direct_slots: bool,
+    /// An integrated GPU (one memory with the CPU: an APU, `--gpu-unified`):
+    /// the RAM budget is the only budget — what the device holds comes out
+    /// of it — and there is no host→device copy term.
+    pub unified: bool,
 }
 
 /// GPU placement.
@@ -117,6 +125,8 @@ pub struct GpuPlan {
     /// Host→device bandwidth the estimate used (GB/s).
     pub h2d_gbps: f64,
     pub direct: bool,
+    /// One memory with the CPU (the GPU budget is carved out of the RAM budget).
+    pub unified: bool,
 }
 
 /// A tensor that streams from disk.
@@ -253,6 +263,31 @@ impl Plan {
     /// of streaming into the GPU's memory and the CPU shape (attention on the
     /// GPU, FFN or experts on the CPU from RAM and disk).
     pub fn new(input: &PlanInput<'_>) -> Result<Plan> {
+        // One memory (an integrated GPU): the device's share is carved out of
+        // the RAM budget, which keeps what only the host holds (the token
+        // embeddings llama.cpp leaves on the CPU) — never both in full.
+        if let Some(gi) = input.gpu.as_ref().filter(|g| g.unified) {
+            let host_only = split(input.gguf).embd;
+            let mut gi = gi.clone();
+            gi.budget = gi.budget.min(input.ram_budget.saturating_sub(host_only));
+            let one = PlanInput {
+                gguf: input.gguf,
+                ram_budget: input.ram_budget,
+                mode: input.mode,
+                lookahead: input.lookahead,
+                disk_gbps: input.disk_gbps,
+                mem_gbps: input.mem_gbps,
+                gpu: Some(GpuInput {
+                    unified: false,
+                    ..gi
+                }),
+            };
+            let mut plan = Plan::new(&one)?;
+            if let Some(gp) = plan.gpu.as_mut() {
+                gp.unified = true;
+            }
+            return Ok(plan);
+        }
         let g = input.gguf;
         let model_bytes: u64 = g.tensors.iter().map(|t| t.size).sum();
         let has_experts = g.tensors.iter().any(|t| t.role.is_experts());
@@ -348,6 +383,7 @@ impl Plan {
             dedicated_layers: Vec::new(),
             h2d_gbps: gpu.h2d_gbps.unwrap_or(DEFAULT_H2D_GBPS),
             direct: gpu.direct,
+            unified: gpu.unified,
         }
     }
 
@@ -691,8 +727,10 @@ impl Plan {
             .map(|&l| k.saturating_mul(layer_expert_bytes(l)))
             .fold(0, u64::saturating_add);
         let mut gpu_plan = gpu.map(|gi| Self::gpu_plan(gi, gpu_base));
-        // A device that computes on host memory uses the RAM cache itself.
-        if let (Some(gp), Mode::GpuExperts) = (gpu_plan.as_mut().filter(|g| !g.direct), mode) {
+        // A device that computes on host memory at host addresses uses the
+        // RAM cache itself; staged copies and direct slots use device slots.
+        let slots = gpu.is_some_and(|g| !g.direct || g.direct_slots);
+        if let (Some(gp), Mode::GpuExperts, true) = (gpu_plan.as_mut(), mode, slots) {
             // A device slot holds every expert tensor of one layer (only the
             // selected experts are ever copied in).
             let layer_slot = |l: u32| -> u64 {

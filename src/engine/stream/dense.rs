@@ -88,6 +88,10 @@ pub(super) struct DenseSlots {
     /// Where released tensors point: the host guard, or on a staged device
     /// its 0xFF guard (a missed wait computes NaNs).
     released: *mut c_void,
+    /// The device guard's buffer, when released tensors must name it (a
+    /// direct pool imported per slot: each tensor names the buffer it is
+    /// in); null otherwise.
+    released_buf: sys::ggml_backend_buffer_t,
 }
 
 impl DenseSlots {
@@ -105,6 +109,7 @@ impl DenseSlots {
             ram_tier: None,
             _guard: None,
             released: std::ptr::null_mut(),
+            released_buf: std::ptr::null_mut(),
         }
     }
 
@@ -186,6 +191,7 @@ impl DenseSlots {
             host: None,
             ram_tier: None,
             released: guard.base().cast(),
+            released_buf: std::ptr::null_mut(),
             _guard: Some(guard),
         })
     }
@@ -286,15 +292,31 @@ impl DenseSlots {
     }
 
     /// Sets where released tensors point and releases every layer.
-    pub fn release_all(&mut self, released: Option<*mut c_void>) {
-        if let Some(p) = released {
+    /// `released`: a device guard and its buffer (staged or per-slot direct).
+    pub fn release_all(&mut self, released: Option<(*mut c_void, sys::ggml_backend_buffer_t)>) {
+        if let Some((p, buf)) = released {
             self.released = p;
+            self.released_buf = buf;
         }
-        for l in self.layers.iter_mut().flatten() {
+        for l in self.layers.iter().flatten() {
             for t in &l.tensors {
                 // SAFETY: a tensor of the live model (the engine's contract);
                 // the guard lives as long as the engine.
-                unsafe { (*t.tensor).data = self.released };
+                unsafe { self.point_at_guard(t.tensor) };
+            }
+        }
+    }
+
+    /// Points `t` at the guard (and, per-slot direct, at the guard's buffer).
+    ///
+    /// # Safety
+    /// `t` must be a tensor of the live model.
+    unsafe fn point_at_guard(&self, t: *mut sys::ggml_tensor) {
+        // SAFETY: per the caller; the guard lives as long as the engine.
+        unsafe {
+            (*t).data = self.released;
+            if !self.released_buf.is_null() {
+                (*t).buffer = self.released_buf;
             }
         }
     }
@@ -307,8 +329,13 @@ impl DenseSlots {
             for t in &l.tensors {
                 // SAFETY: a tensor of the live model; `zeros` is its range of
                 // the model's reserved buffer, readable for its whole size (on
-                // a staged device: the device guard, as large as any tensor).
-                unsafe { (*t.tensor).data = if staged { self.released } else { t.zeros } };
+                // a device: the device guard, as large as any tensor).
+                unsafe {
+                    match staged {
+                        true => self.point_at_guard(t.tensor),
+                        false => (*t.tensor).data = t.zeros,
+                    }
+                }
             }
         }
     }
@@ -428,18 +455,28 @@ impl DenseSlots {
                         continue;
                     }
                     let base = self.host_base()?;
+                    let direct = gpu.as_deref().filter(|g| g.per_slot());
                     let l = self.layers[layer].as_mut().context("dense layer")?;
                     for t in &l.tensors {
                         // SAFETY: a tensor of the live model. The read into this slot
                         // completed; the tensor's bytes start at its in-slot offset
-                        // plus its file offset mod 4096, inside the slot.
+                        // plus its file offset mod 4096, inside the slot. Direct per
+                        // slot: the same bytes at the device address of the slot's
+                        // import (its buffer lives as long as the engine).
                         unsafe {
                             let p = base.add(
                                 l.slot * self.slot_bytes
                                     + t.in_slot
                                     + slot_offset_for(t.file_offset),
                             );
-                            (*t.tensor).data = p.cast();
+                            match direct {
+                                Some(g) => {
+                                    let (buf, d) = g.direct_addr(l.slot, p);
+                                    (*t.tensor).buffer = buf;
+                                    (*t.tensor).data = d.cast();
+                                }
+                                None => (*t.tensor).data = p.cast(),
+                            }
                         }
                     }
                     l.state = LayerState::Ready;
@@ -602,7 +639,12 @@ impl DenseSlots {
         }
         for t in &l.tensors {
             // SAFETY: a tensor of the live model; the guard lives as long as the engine.
-            unsafe { (*t.tensor).data = self.released };
+            unsafe {
+                (*t.tensor).data = self.released;
+                if !self.released_buf.is_null() {
+                    (*t.tensor).buffer = self.released_buf;
+                }
+            }
         }
         l.state = LayerState::Idle;
         if l.dev_slot != usize::MAX {

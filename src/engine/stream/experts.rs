@@ -367,6 +367,9 @@ impl ExpertCache {
         m: &mut StreamMetrics,
         mut gpu: Option<&mut GpuPool>,
     ) -> Result<()> {
+        if let Some(g) = gpu.as_deref_mut().filter(|g| g.per_slot()) {
+            return self.load_into_slot(layer, io, m, g);
+        }
         let n_exp = self.n_experts(layer)?;
         let pass = m.passes;
         self.learn_coactivation(layer);
@@ -487,6 +490,86 @@ impl ExpertCache {
         self.prev_layer = layer;
         if self.lookahead > 0 {
             self.speculate(layer + 1, k, io, m)?;
+        }
+        Ok(())
+    }
+
+    /// Direct expert slots: reads the selected experts missing from the
+    /// layer's slot straight into it (all of them submitted before any wait;
+    /// every submitted read is collected, failed or not, before returning).
+    fn load_into_slot(
+        &mut self,
+        layer: usize,
+        io: &mut dyn ReadBackend,
+        m: &mut StreamMetrics,
+        g: &mut GpuPool,
+    ) -> Result<()> {
+        let el = self.layers[layer].as_ref().context("expert layer")?;
+        let slot = g.expert_slot_for(layer, el)?;
+        self.tickets.clear();
+        let mut failed = None;
+        'experts: for &id in &self.selected {
+            let e = id as usize;
+            if g.slot_valid[slot][e] {
+                m.expert_hits += 1;
+                continue;
+            }
+            m.expert_misses += 1;
+            for t in &el.tensors {
+                let off = t.file_offset + (e * t.expert_bytes) as u64;
+                let addr = g.expert_host(slot, t).wrapping_add(e * t.expert_bytes);
+                let cap = slot_len_for(off, t.expert_bytes);
+                let req = ReadRequest {
+                    file: FileId(0),
+                    file_offset: off,
+                    len: t.expert_bytes,
+                    // The slot mirrors the file mod 4096 with a page of room
+                    // around each tensor (`GpuPool::direct_experts`).
+                    dst: addr.wrapping_sub(slot_offset_for(off)),
+                    dst_cap: cap,
+                };
+                // SAFETY: the range lies inside this slot's host memory, which the
+                // pool keeps mapped while the engine lives (the reader is dropped
+                // first); nothing computes on the slot during the callback, and
+                // bytes shared with a neighbour expert get the same file bytes.
+                match unsafe { io.submit(req) } {
+                    Ok(tk) => {
+                        self.tickets.push(tk);
+                        m.bytes_read += cap as u64;
+                        m.reads += 1;
+                    }
+                    Err(err) => {
+                        failed = Some(
+                            anyhow::Error::new(err)
+                                .context(format!("layer {layer}: cannot submit expert read")),
+                        );
+                        break 'experts;
+                    }
+                }
+            }
+        }
+        let t0 = Instant::now();
+        for &tk in &self.tickets {
+            if let Err(err) = io.wait(tk) {
+                failed.get_or_insert_with(|| {
+                    anyhow::Error::new(err).context(format!("layer {layer}: expert read failed"))
+                });
+            }
+        }
+        self.tickets.clear();
+        let waited = t0.elapsed().as_nanos() as u64;
+        m.stall_ns += waited;
+        m.io_busy_ns += waited;
+        if let Some(err) = failed {
+            // Experts of this slot that were being read hold partial bytes:
+            // the slot forgets them (read afresh when next picked).
+            for &id in &self.selected {
+                g.slot_valid[slot][id as usize] = false;
+            }
+            return Err(err);
+        }
+        for &id in &self.selected {
+            g.slot_valid[slot][id as usize] = true;
         }
         Ok(())
     }

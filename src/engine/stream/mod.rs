@@ -403,67 +403,21 @@ impl Engine {
         match plan.mode {
             Mode::Resident => {}
             Mode::Dense | Mode::GpuDense => {
-                e.dense = DenseSlots::new(
-                    &specs,
-                    n_layer,
-                    plan.lookahead,
-                    plan.slot_bytes as usize,
-                    staged.as_ref(),
-                )?;
-                e.dense.alloc_host(&mut *e.reader, staged.as_ref())?;
-                if let Some((dev, upload)) = gpu {
-                    if upload == Upload::Staged {
-                        e.dense
-                            .alloc_ram_tier(&dev, &plan.ram_layers, &mut *e.reader);
-                    }
-                    let n_slots = e.dense.n_slots();
-                    let n_dev = plan
-                        .gpu
-                        .as_ref()
-                        .map_or(n_slots, |g| g.n_slots)
-                        .clamp(1, n_slots);
-                    let pool = match upload {
-                        Upload::Staged => GpuPool::staged_dense(&e.dense, dev, n_dev, max_tensor)?,
-                        _ => {
-                            let host = e.dense.host_mapping().context("no pool")?;
-                            // SAFETY: the host slots belong to `e.dense`, which is
-                            // dropped after `e.gpu` (Engine's field order).
-                            unsafe {
-                                GpuPool::direct(&dev, upload, host.base(), host.len(), max_tensor)
-                            }?
-                        }
+                if let Err(err) = e.setup_dense(plan, &specs, n_layer, max_tensor, gpu) {
+                    let Some((dev, Upload::Direct)) = gpu else {
+                        return Err(err);
                     };
-                    let raw = pool.buf.raw();
-                    for l in e.dense.layers.iter().flatten() {
-                        for t in &l.tensors {
-                            // SAFETY: a tensor of the live model: from now on its ops
-                            // run on the device (set before the context builds any
-                            // graph; put back on drop).
-                            unsafe { (*t.tensor).buffer = raw };
-                        }
-                    }
-                    e.gpu = Some(pool);
+                    // The probe imported, the pool did not (a size limit, the
+                    // driver's memory): copies instead, with a note.
+                    eprintln!(
+                        "note: {} did not import the streaming pool ({err:#}): staged copies instead",
+                        dev.name()
+                    );
+                    e.gpu = None;
+                    e.dense = DenseSlots::none();
+                    let staged = Some((dev, Upload::Staged));
+                    e.setup_dense(plan, &specs, n_layer, max_tensor, staged)?;
                 }
-                // Dense tensors start released.
-                let device_guard = e
-                    .gpu
-                    .as_ref()
-                    .filter(|g| g.staged())
-                    .map(|g| g.guard_ptr().cast());
-                e.dense.release_all(device_guard);
-                // The weights that make a node wait for its layer, sorted for lookup.
-                e.weight_layer = e
-                    .dense
-                    .layers
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(i, l)| {
-                        l.iter().flat_map(move |l| {
-                            l.tensors.iter().map(move |t| (t.tensor as usize, i))
-                        })
-                    })
-                    .collect();
-                e.weight_layer.sort_unstable();
             }
             Mode::Experts | Mode::GpuExperts => {
                 e.experts = ExpertCache::new(
@@ -481,6 +435,33 @@ impl Engine {
                             let max_n = e.experts.max_n();
                             GpuPool::staged_experts(&mut e.experts, plan, dev, max_n)?
                         }
+                        _ if !dev.imports_at_host_addresses() => {
+                            let max_n = e.experts.max_n();
+                            match GpuPool::direct_experts(&mut e.experts, plan, dev, max_n) {
+                                Ok(p) => p,
+                                Err(err) => {
+                                    // The probe imported, the slots did not: the RAM
+                                    // cache and copies instead, with a note.
+                                    eprintln!(
+                                        "note: {} did not import the expert slots ({err:#}): staged copies instead",
+                                        dev.name()
+                                    );
+                                    e.experts = ExpertCache::new(
+                                        &specs,
+                                        n_layer,
+                                        plan.lookahead,
+                                        plan.pool_bytes,
+                                        Some(&dev),
+                                    )?;
+                                    e.experts.use_pinned_cache(
+                                        &dev,
+                                        plan.pool_bytes,
+                                        &mut *e.reader,
+                                    );
+                                    GpuPool::staged_experts(&mut e.experts, plan, dev, max_n)?
+                                }
+                            }
+                        }
                         _ => {
                             let arena = e.experts.arena().context("no arena")?;
                             // SAFETY: the arena belongs to `e.experts`, which is
@@ -490,12 +471,14 @@ impl Engine {
                             }?
                         }
                     };
-                    let raw = pool.buf.raw();
-                    for l in e.experts.layers.iter().flatten() {
-                        for t in &l.tensors {
-                            // SAFETY: a tensor of the live model, set before any graph
-                            // is built (put back on drop).
-                            unsafe { (*t.tensor).buffer = raw };
+                    if !pool.per_slot() {
+                        let raw = pool.buf.raw();
+                        for l in e.experts.layers.iter().flatten() {
+                            for t in &l.tensors {
+                                // SAFETY: a tensor of the live model, set before any
+                                // graph is built (put back on drop).
+                                unsafe { (*t.tensor).buffer = raw };
+                            }
                         }
                     }
                     e.gpu = Some(pool);
@@ -505,14 +488,102 @@ impl Engine {
         Ok(e)
     }
 
+    /// Dense streaming: host slots, and on a device its pool (staged device
+    /// slots, or the host slots imported); every dense tensor starts released.
+    fn setup_dense(
+        &mut self,
+        plan: &Plan,
+        specs: &[TensorSpec],
+        n_layer: usize,
+        max_tensor: usize,
+        gpu: Option<(Device, Upload)>,
+    ) -> Result<()> {
+        let staged = gpu
+            .as_ref()
+            .filter(|(_, u)| *u == Upload::Staged)
+            .map(|(d, _)| *d);
+        let e = self;
+        e.dense = DenseSlots::new(
+            specs,
+            n_layer,
+            plan.lookahead,
+            plan.slot_bytes as usize,
+            staged.as_ref(),
+        )?;
+        e.dense.alloc_host(&mut *e.reader, staged.as_ref())?;
+        if let Some((dev, upload)) = gpu {
+            if upload == Upload::Staged {
+                e.dense
+                    .alloc_ram_tier(&dev, &plan.ram_layers, &mut *e.reader);
+            }
+            let n_slots = e.dense.n_slots();
+            let n_dev = plan
+                .gpu
+                .as_ref()
+                .map_or(n_slots, |g| g.n_slots)
+                .clamp(1, n_slots);
+            let pool = match upload {
+                Upload::Staged => GpuPool::staged_dense(&e.dense, dev, n_dev, max_tensor)?,
+                _ => {
+                    let host = e.dense.host_mapping().context("no pool")?;
+                    // SAFETY: the host slots belong to `e.dense`, which is
+                    // dropped after `e.gpu` (Engine's field order).
+                    unsafe {
+                        GpuPool::direct_slots(
+                            &dev,
+                            host.base(),
+                            n_slots,
+                            plan.slot_bytes as usize,
+                            max_tensor,
+                        )
+                    }?
+                }
+            };
+            let raw = pool.buf.raw();
+            for l in e.dense.layers.iter().flatten() {
+                for t in &l.tensors {
+                    // SAFETY: a tensor of the live model: from now on its ops
+                    // run on the device (set before the context builds any
+                    // graph; put back on drop). Direct: the guard's buffer,
+                    // where released tensors point.
+                    unsafe { (*t.tensor).buffer = raw };
+                }
+            }
+            e.gpu = Some(pool);
+        }
+        // Dense tensors start released.
+        let device_guard = e
+            .gpu
+            .as_ref()
+            .filter(|g| g.staged() || g.per_slot())
+            .map(|g| (g.guard_ptr().cast(), g.buf.raw()));
+        e.dense.release_all(device_guard);
+        // The weights that make a node wait for its layer, sorted for lookup.
+        e.weight_layer = e
+            .dense
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.iter()
+                    .flat_map(move |l| l.tensors.iter().map(move |t| (t.tensor as usize, i)))
+            })
+            .collect();
+        e.weight_layer.sort_unstable();
+        Ok(())
+    }
+
     /// Records the first error; every streamed dense tensor is pointed at
     /// zero pages so the rest of the (aborted) compute reads valid memory.
     fn fail(&mut self, e: anyhow::Error) {
         if self.error.is_none() {
             self.error = Some(format!("{e:#}"));
         }
-        let staged = self.gpu.as_ref().is_some_and(|g| g.staged());
-        self.dense.point_at_zeros(staged);
+        let on_guard = self
+            .gpu
+            .as_ref()
+            .is_some_and(|g| g.staged() || g.per_slot());
+        self.dense.point_at_zeros(on_guard);
     }
 }
 

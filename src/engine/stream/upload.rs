@@ -14,13 +14,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use hypura_sys as sys;
 
 use crate::engine::device::{Buffer, Device, Upload};
 use crate::io::slot_offset_for;
 use crate::scheduler::Plan;
 
 use super::dense::DenseSlots;
-use super::experts::{ExpertCache, ExpertLayer};
+use super::experts::{ExpertCache, ExpertLayer, ExpertTensor};
+use super::memory::Mapping;
 
 /// The streaming engine's device side.
 pub(super) struct GpuPool {
@@ -47,6 +49,24 @@ pub(super) struct GpuPool {
     /// Staged experts: slots no layer owns for good, used round-robin.
     shared: Vec<usize>,
     next_shared: usize,
+    /// Direct slots (a device with addresses of its own, e.g. Vulkan): per
+    /// slot, its host memory's first address and that memory imported as a
+    /// buffer of the device. `buf` is then the 0xFF guard.
+    direct: Vec<(usize, Buffer)>,
+    /// Direct expert slots: the host memory imported (after `direct`: the
+    /// imports are freed before it is unmapped).
+    host: Option<Mapping>,
+}
+
+/// The largest expert tensor (the guard's size).
+fn max_tensor_of(cache: &ExpertCache) -> usize {
+    cache
+        .layers
+        .iter()
+        .flatten()
+        .flat_map(|l| l.tensors.iter().map(|t| t.expert_bytes * l.n()))
+        .max()
+        .unwrap_or(crate::io::ALIGN)
 }
 
 impl Drop for GpuPool {
@@ -114,7 +134,153 @@ impl GpuPool {
             slot_valid: Vec::new(),
             shared: Vec::new(),
             next_shared: 0,
+            direct: Vec::new(),
+            host: None,
         }
+    }
+
+    /// Direct, per slot: `n_slots` ranges of `slot_bytes` from `base` (host
+    /// memory the reads land in) each imported as a buffer of `dev` (zero
+    /// copies: the device computes where the reads land), and a 0xFF guard
+    /// of `guard_len` device bytes for released tensors. One import per slot
+    /// keeps each under the device's largest buffer (lavapipe: 128 MiB of
+    /// storage-buffer range) and lets tensors name the buffer they are in.
+    ///
+    /// # Safety
+    /// The memory must stay mapped for as long as the pool lives.
+    pub unsafe fn direct_slots(
+        dev: &Device,
+        base: *mut u8,
+        n_slots: usize,
+        slot_bytes: usize,
+        guard_len: usize,
+    ) -> Result<GpuPool> {
+        let mut direct = Vec::with_capacity(n_slots);
+        for s in 0..n_slots {
+            let start = base.wrapping_add(s * slot_bytes);
+            // SAFETY: the caller keeps [base, base + n_slots * slot_bytes) mapped
+            // for the pool's lifetime; this is slot s of it.
+            let buf = unsafe { Buffer::from_host(dev, start, slot_bytes, slot_bytes) }
+                .with_context(|| format!("slot {s} of {n_slots}"))?;
+            direct.push((start as usize, buf));
+        }
+        // SAFETY: the device's own buffer type (a registered device).
+        let guard = unsafe {
+            Buffer::alloc(
+                dev.buft(),
+                guard_len.max(1),
+                &format!("{} streaming guard", dev.name()),
+            )
+        }?;
+        guard.fill(0, 0xFF, guard_len);
+        let mut pool = GpuPool::new(Upload::Direct, guard, slot_bytes);
+        pool.direct = direct;
+        Ok(pool)
+    }
+
+    /// Direct expert slots (a device with addresses of its own, e.g. Vulkan
+    /// on an APU): like the staged expert slots (a slot holds every expert
+    /// tensor of one layer; dedicated layers keep theirs, the others share),
+    /// but each slot is host memory imported as a buffer and the selected
+    /// experts are read from disk straight into it — no RAM cache, no copy.
+    /// Each layer is laid out in a slot with every tensor at its file offset
+    /// mod 4096 and a page of room on both sides, so an expert's aligned
+    /// read lands in place (boundary pages get the same file bytes their
+    /// neighbours hold). Points every expert tensor into its slot (a shared
+    /// layer: the first shared slot, until it gets its own turn).
+    pub fn direct_experts(
+        cache: &mut ExpertCache,
+        plan: &Plan,
+        dev: Device,
+        max_n: usize,
+    ) -> Result<GpuPool> {
+        const PAGE: usize = crate::io::ALIGN;
+        let mut dev_slot = 0usize;
+        for l in cache.layers.iter_mut().flatten() {
+            let n = l.n();
+            let mut cursor = PAGE;
+            for t in &mut l.tensors {
+                t.dev_off = cursor.next_multiple_of(PAGE) + (t.file_offset as usize % PAGE);
+                t.dev_pad = 0;
+                cursor = t.dev_off + t.expert_bytes * n + PAGE;
+            }
+            dev_slot = dev_slot.max(cursor.next_multiple_of(PAGE));
+        }
+        let gp = plan.gpu.as_ref().context("GPU plan")?;
+        let n_layers = cache.layers.iter().flatten().count();
+        let n_slots = gp.n_slots.clamp(1, n_layers.max(1));
+        let host = Mapping::read_write(n_slots * dev_slot, false)?;
+        // SAFETY: `host` is owned by the pool, declared after the imports
+        // (field order: the imports are freed before it is unmapped).
+        let mut pool = unsafe {
+            GpuPool::direct_slots(&dev, host.base(), n_slots, dev_slot, max_tensor_of(cache))
+        }?;
+        pool.host = Some(host);
+        pool.slot_owner = vec![usize::MAX; n_slots];
+        pool.slot_valid = vec![vec![false; max_n]; n_slots];
+        let mut next = 0usize;
+        for (li, l) in cache.layers.iter_mut().enumerate() {
+            let Some(l) = l else { continue };
+            if gp.dedicated_layers.contains(&(li as u32))
+                && next < n_slots
+                && (n_slots == n_layers || next + 1 < n_slots)
+            {
+                l.dedicated_slot = Some(next);
+                pool.slot_owner[next] = li;
+                pool.point_experts(next, l);
+                next += 1;
+            }
+        }
+        pool.shared = (next..n_slots).collect();
+        let first_shared = pool.shared.first().copied();
+        for l in cache.layers.iter().flatten() {
+            if l.dedicated_slot.is_some() {
+                continue;
+            }
+            let s = first_shared.context("no shared slot left for the layers without their own")?;
+            pool.point_experts(s, l);
+        }
+        Ok(pool)
+    }
+
+    /// Direct expert slots: host memory of slot `slot` where `layer`'s
+    /// tensor `t` (laid out in the slot) starts.
+    pub fn expert_host(&self, slot: usize, t: &ExpertTensor) -> *mut u8 {
+        (self.direct[slot].0 + t.dev_off) as *mut u8
+    }
+
+    /// Direct expert slots: points the layer's tensors into slot `slot`.
+    fn point_experts(&self, slot: usize, l: &ExpertLayer) {
+        for t in &l.tensors {
+            let (buf, d) = self.direct_addr(slot, self.expert_host(slot, t));
+            // SAFETY: a tensor of the live model (the engine's contract); the
+            // address lies inside the slot's import, which lives as long as the
+            // pool. The previous owner's compute has completed (ggml syncs
+            // each range before the next ask).
+            unsafe {
+                (*t.tensor).buffer = buf;
+                (*t.tensor).data = d.cast();
+            }
+        }
+    }
+
+    /// Direct slots: the pool imports each slot on its own (tensors must be
+    /// pointed with [`direct_addr`](Self::direct_addr)).
+    pub fn per_slot(&self) -> bool {
+        !self.direct.is_empty()
+    }
+
+    /// Direct slots: the buffer and device address of host address `host`
+    /// in slot `slot`.
+    pub fn direct_addr(
+        &self,
+        slot: usize,
+        host: *const u8,
+    ) -> (sys::ggml_backend_buffer_t, *mut u8) {
+        let (start, b) = &self.direct[slot];
+        let off = (host as usize).wrapping_sub(*start);
+        assert!(off < b.len(), "address outside slot {slot}");
+        (b.raw(), b.base().wrapping_add(off))
     }
 
     /// Direct: `[base, base + len)` of host memory wrapped as a buffer of `dev`.
@@ -339,6 +505,10 @@ impl GpuPool {
         self.next_shared += 1;
         self.slot_owner[s] = layer;
         self.slot_valid[s].fill(false);
+        if self.per_slot() {
+            self.point_experts(s, el);
+            return Ok(s);
+        }
         let n = el.n();
         for t in &el.tensors {
             let off = s * self.dev_slot_bytes + t.dev_off;
