@@ -101,9 +101,7 @@ fn a_file_truncated_mid_run_stops_it_cleanly() {
     let Some(src) = common::model(common::SMOLLM2) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model.gguf");
-    std::fs::copy(&src, &model).unwrap();
+    let (_dir, model) = common::copy_model(&src);
     let want = reference(&model);
 
     let (mut child, buf, reader) = spawn(&model);
@@ -136,9 +134,7 @@ fn a_file_renamed_over_mid_run_is_not_seen() {
     let Some(src) = common::model(common::SMOLLM2) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model.gguf");
-    std::fs::copy(&src, &model).unwrap();
+    let (dir, model) = common::copy_model(&src);
     let want = reference(&model);
 
     let (mut child, buf, reader) = spawn(&model);

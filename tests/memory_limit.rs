@@ -11,34 +11,6 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// Whether this process can make memory cgroups.
-fn cgroups_usable() -> bool {
-    // Root: /proc/self/status's effective uid is 0.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false);
-    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
-    let v1 = Path::new("/sys/fs/cgroup/memory").is_dir();
-    // A cgroup this process may make (a read-only /sys/fs/cgroup in a
-    // container answers EROFS or EPERM).
-    let probe = if v2 {
-        format!("/sys/fs/cgroup/hypura-probe-{}", std::process::id())
-    } else {
-        format!("/sys/fs/cgroup/memory/hypura-probe-{}", std::process::id())
-    };
-    let can = root && (v2 || v1) && std::fs::create_dir(&probe).is_ok();
-    let _ = std::fs::remove_dir(&probe);
-    if !can {
-        eprintln!("SKIPPED: needs root and a memory cgroup controller it may use");
-    }
-    can
-}
-
 fn in_cgroup(limit: &str, args: &[&str]) -> Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/in-cgroup.sh");
     Command::new("bash")
@@ -85,10 +57,7 @@ fn runs_with_no_flags(model: &Path, limit: &str, limit_mib: u64, modes: &[&str])
     assert!(o.status.success(), "{} in {limit}: {err}", model.display());
     let peak = peak_mib(&err);
     assert!(peak <= limit_mib, "peak {peak} MiB over {limit}");
-    let out = text_of(&o) + &err;
-    let json = &out[out.rfind("{\"mode\"").expect("no report")..];
-    let json = &json[..=json.find('}').unwrap()];
-    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let v = common::json_report(&(text_of(&o) + &err));
     let mode = v["mode"].as_str().unwrap();
     assert!(modes.contains(&mode), "{}: mode {mode}", model.display());
     eprintln!(
@@ -103,7 +72,7 @@ fn small_models_in_small_cgroups() {
     let Some(m) = common::model(common::SMOLLM2) else {
         return;
     };
-    if !cgroups_usable() {
+    if !common::cgroups_usable("memory") {
         return;
     }
     runs_with_no_flags(&m, "160M", 160, &["resident", "dense"]);
@@ -111,7 +80,7 @@ fn small_models_in_small_cgroups() {
 
 #[test]
 fn synthetic_models_twice_and_three_times_the_cgroup() {
-    if !cgroups_usable() {
+    if !common::cgroups_usable("memory") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -151,14 +120,9 @@ fn synthetic_models_twice_and_three_times_the_cgroup() {
             ][..],
         ),
     ] {
-        let o = common::hypura()
-            .arg("gen")
-            .args(args)
-            .args(["--type", "q8_0", "-o"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut args = args.to_vec();
+        args.extend(["--type", "q8_0"]);
+        common::gen(path, &args);
     }
     runs_with_no_flags(&dense, "1G", 1024, &["dense"]);
     runs_with_no_flags(&moe, "1G", 1024, &["experts"]);
@@ -174,7 +138,7 @@ fn gemma_in_220m_runs_on_the_mmap_fallback() {
     let Some(m) = common::model(common::GEMMA3) else {
         return;
     };
-    if !cgroups_usable() {
+    if !common::cgroups_usable("memory") {
         return;
     }
     let m = m.to_str().unwrap();
@@ -221,7 +185,7 @@ fn a_model_bigger_than_the_cgroup_runs_with_no_flags() {
     let Some(m) = common::model(common::QWEN15) else {
         return;
     };
-    if !cgroups_usable() {
+    if !common::cgroups_usable("memory") {
         return;
     }
     let m = m.to_str().unwrap();
@@ -271,7 +235,7 @@ fn a_limit_too_small_for_any_plan_is_refused_with_the_numbers() {
     let Some(m) = common::model(common::QWEN15) else {
         return;
     };
-    if !cgroups_usable() {
+    if !common::cgroups_usable("memory") {
         return;
     }
     // 180 MiB: the context and the process alone leave nothing for weights.

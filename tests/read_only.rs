@@ -21,9 +21,7 @@ fn no_command_writes_the_model() {
     let Some(src) = common::model(common::SMOLLM2) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model.gguf");
-    std::fs::copy(&src, &model).unwrap();
+    let (dir, model) = common::copy_model(&src);
     // An mtime in the past, so that any write would move it visibly.
     let past = SystemTime::now() - std::time::Duration::from_secs(3600);
     std::fs::File::options()

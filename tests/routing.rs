@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{check_bit_identical, gen, hypura};
+use common::{check_bit_identical, gen, gen_output, hypura};
 
 const EXPERTS: usize = 32;
 const LAYERS: usize = 4;
@@ -140,18 +140,7 @@ fn bad_routing_specs_fail_with_one_clear_error() {
         ("zipf:1,corr:1.5", "mixtral", "from 0 to 1"),
         ("zipf:1", "llama", "needs an MoE"),
     ] {
-        let o = hypura()
-            .args([
-                "gen",
-                "--arch",
-                arch,
-                "--out",
-                out.to_str().unwrap(),
-                "--routing",
-                spec,
-            ])
-            .output()
-            .unwrap();
+        let o = gen_output(&out, &["--arch", arch, "--routing", spec]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{spec}: {err}");
         let first = err.lines().next().unwrap_or_default();

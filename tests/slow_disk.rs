@@ -7,38 +7,15 @@ mod common;
 
 use std::path::Path;
 
-fn report(out: &str) -> serde_json::Value {
-    let j = &out[out.rfind("{\"mode\"").expect("no report")..];
-    serde_json::from_str(&j[..=j.find('}').unwrap()]).unwrap()
-}
-
 #[test]
 fn a_throttled_disk_is_slow_not_wrong() {
     let Some(m) = common::model(common::SMOLLM2) else {
         return;
     };
-    let blkio = Path::new("/sys/fs/cgroup/blkio").is_dir()
-        || Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
-    let probe = if Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
-        format!("/sys/fs/cgroup/hypura-probe-{}", std::process::id())
-    } else {
-        format!("/sys/fs/cgroup/blkio/hypura-probe-{}", std::process::id())
-    };
-    let can = blkio && root && std::fs::create_dir(&probe).is_ok();
-    let _ = std::fs::remove_dir(&probe);
-    if !can {
-        eprintln!("SKIPPED: needs root and a blkio/io cgroup controller");
+    if !common::cgroups_usable("blkio") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model.gguf");
-    std::fs::copy(&m, &model).unwrap();
+    let (_dir, model) = common::copy_model(&m);
     let ms = model.to_str().unwrap();
     let args = [
         "run",
@@ -81,7 +58,7 @@ fn a_throttled_disk_is_slow_not_wrong() {
         }
     };
     assert_eq!(text(&slow), text(&fast));
-    let r = report(&(String::from_utf8_lossy(&slow.stdout).into_owned() + &err));
+    let r = common::json_report(&(String::from_utf8_lossy(&slow.stdout).into_owned() + &err));
     let gbps = r["disk_gbps"].as_f64().unwrap();
     assert!(gbps < 0.035, "the throttle did not hold: {gbps} GB/s");
     assert!(r["read_bytes_per_token"].as_f64().unwrap() > 1e6, "{r}");

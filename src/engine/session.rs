@@ -642,8 +642,6 @@ pub fn add_metrics(a: Option<StreamMetrics>, b: Option<StreamMetrics>) -> Option
             io_busy_ns: a.io_busy_ns + b.io_busy_ns,
             expert_hits: a.expert_hits + b.expert_hits,
             expert_misses: a.expert_misses + b.expert_misses,
-            expert_prefetch_used: a.expert_prefetch_used + b.expert_prefetch_used,
-            expert_prefetch_wasted: a.expert_prefetch_wasted + b.expert_prefetch_wasted,
             passes: a.passes + b.passes,
             upload_bytes: a.upload_bytes + b.upload_bytes,
             gpu_hits: a.gpu_hits + b.gpu_hits,

@@ -1,6 +1,6 @@
 //! Fault injection, for tests: a [`ReadBackend`] wrapper that makes chosen reads of any
 //! backend (the real pread and io_uring readers, or a test double) fail with EIO, end short,
-//! or complete late.
+//! complete late, or be refused at submission.
 //!
 //! Test support only: nothing in Hypura wraps a reader unless a test does, or the hidden
 //! `HYPURA_FAULT` variable is set (read once, by the session that opens the model; see
@@ -11,7 +11,9 @@
 //! Injected failures look like the real ones: [`IoError::Eio`] and [`IoError::ShortRead`]
 //! naming the file and the offset, reported when the ticket is collected; the bytes the
 //! failed read did not deliver are overwritten with [`POISON`], so a consumer that uses them
-//! anyway computes on garbage a test can see.
+//! anyway computes on garbage a test can see. A refused submission ([`Fault::Refuse`]) never
+//! reaches the inner reader: `submit` fails at once, nothing is queued, as when the real
+//! request table is full or the io_uring driver has failed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,9 @@ pub enum Fault {
     /// The completion is not reported before this long after the submission; the bytes
     /// stay exact.
     Slow(Duration),
+    /// `submit` fails (EBUSY, as `io_uring_enter` with a full completion queue) and queues
+    /// nothing; the reads submitted before it stay in flight.
+    Refuse,
 }
 
 /// The faults to inject: the first rule whose trigger matches a read decides its fate.
@@ -67,7 +72,8 @@ impl FaultPlan {
     }
 
     /// Parses `rule[,rule...]`, a rule being `FAULT@TRIGGER`: FAULT is `eio`, `short`
-    /// (half the request missing), `short=BYTES` or `slow=MILLISECONDS`; TRIGGER is `N`
+    /// (half the request missing), `short=BYTES`, `slow=MILLISECONDS` or `refuse` (the
+    /// submission fails); TRIGGER is `N`
     /// (the N-th read, from 1), `off=OFFSET` or `all`. Example: `eio@40`, `slow=1500@all`.
     pub fn parse(s: &str) -> Result<FaultPlan, String> {
         let mut plan = FaultPlan::new();
@@ -78,6 +84,7 @@ impl FaultPlan {
             let fault = match f.trim().split_once('=') {
                 None if f.trim() == "eio" => Fault::Eio,
                 None if f.trim() == "short" => Fault::Short { missing: 0 },
+                None if f.trim() == "refuse" => Fault::Refuse,
                 Some(("short", v)) => Fault::Short {
                     missing: num(v)?.max(1) as usize,
                 },
@@ -165,6 +172,23 @@ impl FaultReader {
             .unwrap_or_else(|| PathBuf::from(format!("<file {}>", file.0)))
     }
 
+    /// The error of a submission a [`Fault::Refuse`] rule hits (it counts as the next
+    /// submitted read), or `None` to pass it on.
+    fn refusal(&mut self, req: &ReadRequest) -> Option<IoError> {
+        let nth = self.submitted + 1;
+        let (_, at) = self
+            .plan
+            .fault_for(nth, req.file_offset, req.len)
+            .filter(|(f, _)| *f == Fault::Refuse)?;
+        self.submitted = nth;
+        self.injected.fetch_add(1, Ordering::Relaxed);
+        Some(IoError::Read {
+            file: self.path(req.file),
+            offset: at,
+            source: std::io::Error::from_raw_os_error(libc::EBUSY),
+        })
+    }
+
     fn note(&mut self, t: Ticket, req: &ReadRequest) {
         self.submitted += 1;
         if let Some((fault, at)) = self
@@ -192,7 +216,7 @@ impl FaultReader {
         };
         self.injected.fetch_add(1, Ordering::Relaxed);
         let (keep, err) = match p.fault {
-            Fault::Slow(_) => return Ok(c),
+            Fault::Slow(_) | Fault::Refuse => return Ok(c),
             Fault::Eio => (
                 0,
                 IoError::Eio {
@@ -251,6 +275,9 @@ impl ReadBackend for FaultReader {
     }
 
     unsafe fn submit(&mut self, req: ReadRequest) -> Result<Ticket, IoError> {
+        if let Some(e) = self.refusal(&req) {
+            return Err(e);
+        }
         // SAFETY: the caller's contract is passed on unchanged.
         let t = unsafe { self.inner.submit(req)? };
         self.note(t, &req);
@@ -264,7 +291,6 @@ impl ReadBackend for FaultReader {
         len: usize,
         buf: AlignedBuf,
     ) -> Result<Ticket, IoError> {
-        let t = self.inner.submit_owned(file, file_offset, len, buf)?;
         let req = ReadRequest {
             file,
             file_offset,
@@ -272,6 +298,10 @@ impl ReadBackend for FaultReader {
             dst: std::ptr::null_mut(),
             dst_cap: 0,
         };
+        if let Some(e) = self.refusal(&req) {
+            return Err(e);
+        }
+        let t = self.inner.submit_owned(file, file_offset, len, buf)?;
         self.note(t, &req);
         Ok(t)
     }

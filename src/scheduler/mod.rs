@@ -7,12 +7,10 @@
 //! pinned: `S = Σ_streamed ffn_bytes(layer)`. The disk ceiling is
 //! `tok/s ≤ disk_bw / S`. Compute reads every weight once per token, so a
 //! layer computes in about `layer_bytes / mem_bw`; a streamed layer takes
-//! `ffn_bytes / disk_bw` to read. Lookahead `L` hides reads behind compute when
-//! `L ≥ ceil(read_time / compute_time)` of the layers between two streamed
-//! ones; on NVMe (2–7 GB/s) against DRAM (20–100 GB/s) reads are 5–20× slower
-//! than compute, so the disk is the limit and L only needs to keep the queue
-//! full (2–4). Each extra lookahead slot costs one layer of pool memory that
-//! could have pinned a layer instead, so L is capped at what the budget allows.
+//! `ffn_bytes / disk_bw` to read. The pool is only as deep as the disk needs
+//! (`depth.rs`: depth 1 or 2 from the profiled disk against the compute per
+//! layer, each depth judged with the layers its pool leaves room to pin);
+//! every other byte of the budget pins layers, which cuts `S`.
 //!
 //! Residency is scan-resistant: a fixed set of layers is pinned (never
 //! evicted) and the rest streams every token; an LRU over a cyclic scan of
@@ -35,6 +33,7 @@
 //! [`PlanInput`]; `engine::placement` gathers them.
 
 pub mod budget;
+pub mod depth;
 pub mod plan;
 pub mod size;
 

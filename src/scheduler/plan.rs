@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::gguf::{GgufFile, TensorInfo, TensorRole};
 use crate::io::slot_len_for;
 
+use super::depth;
 use super::size::format_bytes;
 
 /// The plan's error when the RAM budget cannot hold the smallest placement
@@ -502,11 +503,9 @@ impl Plan {
         };
         let gpu_left = gpu.map_or(0, |g| g.budget - gpu_base);
 
-        let default_l = if on_gpu {
-            3
-        } else {
-            adaptive_lookahead(input, &ffn, model_bytes, n_layer)
-        };
+        // Adaptive: 3 on the GPU; on the CPU at most 2, then the depth the
+        // disk needs against the compute (below, `depth.rs`).
+        let default_l = if on_gpu { 3 } else { 2 };
         let mut lookahead = input.lookahead.unwrap_or(default_l);
         let fits = |l: usize| {
             let n = (l as u64).saturating_add(1);
@@ -558,27 +557,53 @@ impl Plan {
         // GpuDense, in RAM otherwise), spread evenly so that the disk keeps
         // reading while pinned layers compute. With a GPU every layer may be
         // pinned (nothing streams); without one, the model did not fit RAM.
-        let n_slots_max = (lookahead as u64).saturating_add(1);
-        let mut m = ffn_layers.len();
-        let pinned = loop {
-            let cand = spread(&ffn_layers, m);
-            let n_streamed = (ffn_layers.len() - cand.len()) as u64;
-            let n = n_slots_max.min(n_streamed);
-            let pinned_bytes: u64 = cand.iter().map(|&l| ffn[l as usize]).sum();
-            let ok = if on_gpu {
-                (gpu_base + pinned_bytes).saturating_add(gpu_pool(n)) <= gpu.map_or(0, |g| g.budget)
-                    && ram_base.saturating_add(ram_pool(n)) <= input.ram_budget
-            } else {
-                (ram_base + pinned_bytes).saturating_add(ram_pool(n)) <= input.ram_budget
-            };
-            if ok && (n_streamed > 0 || gpu.is_some()) {
-                break cand;
+        let pin = |lookahead: usize| {
+            let n_slots_max = (lookahead as u64).saturating_add(1);
+            let mut m = ffn_layers.len();
+            loop {
+                let cand = spread(&ffn_layers, m);
+                let n_streamed = (ffn_layers.len() - cand.len()) as u64;
+                let n = n_slots_max.min(n_streamed);
+                let pinned_bytes: u64 = cand.iter().map(|&l| ffn[l as usize]).sum();
+                let ok = if on_gpu {
+                    (gpu_base + pinned_bytes).saturating_add(gpu_pool(n))
+                        <= gpu.map_or(0, |g| g.budget)
+                        && ram_base.saturating_add(ram_pool(n)) <= input.ram_budget
+                } else {
+                    (ram_base + pinned_bytes).saturating_add(ram_pool(n)) <= input.ram_budget
+                };
+                if ok && (n_streamed > 0 || gpu.is_some()) {
+                    break cand;
+                }
+                if m == 0 {
+                    break Vec::new();
+                }
+                m -= 1;
             }
-            if m == 0 {
-                break Vec::new();
-            }
-            m -= 1;
         };
+        // CPU, adaptive: only as deep as the disk needs; every slot that
+        // saves pins a layer (the sketch in `depth.rs`).
+        if !on_gpu && input.lookahead.is_none() {
+            let cpu_bytes = if gpu.is_some() {
+                ffn.iter().sum::<u64>()
+            } else {
+                model_bytes
+            };
+            let layer_ffn = ffn.iter().copied().max().unwrap_or(0);
+            let timing = depth::Timing::from_profile(
+                input.disk_gbps,
+                input.mem_gbps,
+                slot_bytes,
+                layer_ffn,
+                cpu_bytes,
+                n_layer,
+            );
+            lookahead = depth::choose(timing.as_ref(), lookahead, |l| {
+                let p = pin(l).len();
+                (ffn_layers.len() - p, p)
+            });
+        }
+        let pinned = pin(lookahead);
         let streamed_layers: Vec<u32> = ffn_layers
             .iter()
             .copied()
@@ -702,12 +727,12 @@ impl Plan {
             .map(|&l| layer_expert_bytes(l))
             .max()
             .unwrap_or(0);
-        let lookahead = input.lookahead.unwrap_or(1);
-        // The RAM pool must hold one layer's selected experts plus the
-        // prefetched layers'; everything else of the budget is expert cache.
-        let min_pool = k
-            .saturating_mul(max_layer_expert)
-            .saturating_mul((lookahead as u64).saturating_add(1));
+        // Experts are not read ahead (they are known only once the router
+        // has picked them): the lookahead means nothing here, and the RAM
+        // pool must hold one layer's selected experts; everything else of the
+        // budget is expert cache.
+        let lookahead = input.lookahead.unwrap_or(0);
+        let min_pool = k.saturating_mul(max_layer_expert);
         if input.ram_budget < ram_base.saturating_add(min_pool) {
             return Err(RamTooSmall {
                 needed: ram_base.saturating_add(min_pool),
@@ -885,38 +910,6 @@ fn spread(layers: &[u32], m: usize) -> Vec<u32> {
     let mut out: Vec<u32> = (0..m).map(|i| layers[i * n / m]).collect();
     out.dedup();
     out
-}
-
-/// How many streamed layers to read ahead, from the profile.
-///
-/// Disk-bound (a layer's FFN reads slower than a layer computes — the usual
-/// case: NVMe 2–7 GB/s against DRAM 20–100 GB/s): the disk sets the speed
-/// whatever the depth. Two layers in flight keep it busy — one reading, one
-/// queued, so a finished read never waits for a free slot — and every deeper
-/// slot is a layer of RAM that could pin a layer instead: pinning cuts the
-/// bytes read per token, depth does not. (This used to be `read / compute`
-/// layers, up to 8: for an 8 GiB dense model in 3 GiB, 1.67 GiB of pool.)
-/// Compute-bound: one layer ahead hides the reads. Unprofiled: 2.
-fn adaptive_lookahead(
-    input: &PlanInput<'_>,
-    ffn: &[u64],
-    model_bytes: u64,
-    n_layer: usize,
-) -> usize {
-    let (Some(disk), Some(mem)) = (input.disk_gbps, input.mem_gbps) else {
-        return 2;
-    };
-    if disk <= 0.0 || mem <= 0.0 || n_layer == 0 {
-        return 2;
-    }
-    let layer_ffn = ffn.iter().copied().max().unwrap_or(0) as f64;
-    let read_s = layer_ffn / (disk * 1e9);
-    let compute_s = (model_bytes as f64 / n_layer as f64) / (mem * 1e9);
-    if read_s > compute_s {
-        2
-    } else {
-        1
-    }
 }
 
 #[cfg(test)]

@@ -112,14 +112,71 @@ pub fn check_bit_identical(model: &Path, budget: &str, mode: &str) {
 
 /// Writes a synthetic model with `hypura gen` (deterministic per seed).
 pub fn gen(out: &Path, args: &[&str]) {
-    let o = hypura()
-        .args(["gen", "--force", "--out", out.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
+    let o = gen_output(out, args);
     assert!(
         o.status.success(),
         "hypura gen failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// `hypura gen --force --out OUT ARGS...`, whatever its outcome.
+pub fn gen_output(out: &Path, args: &[&str]) -> std::process::Output {
+    hypura()
+        .args(["gen", "--force", "--out", out.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A copy of `src` as `model.gguf` in a new temp dir (tests that truncate,
+/// replace or watch the file work on it, never on `models/`).
+pub fn copy_model(src: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.gguf");
+    std::fs::copy(src, &model).unwrap();
+    (dir, model)
+}
+
+/// The report line `run --json` prints (the last `{"mode"...}` object),
+/// wherever it is in `out` (stdout and stderr together).
+pub fn json_report(out: &str) -> serde_json::Value {
+    let j = &out[out.rfind("{\"mode\"").expect("no report")..];
+    serde_json::from_str(&j[..=j.find('}').unwrap()]).unwrap()
+}
+
+/// Whether this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether this process can make cgroups of the cgroup v1 `controller`
+/// (`memory`, `blkio`) or, on cgroup v2, of the unified hierarchy: root,
+/// the controller present, and a probe cgroup that can be made (a
+/// read-only /sys/fs/cgroup in a container answers EROFS or EPERM).
+/// Prints the SKIPPED notice when not.
+pub fn cgroups_usable(controller: &str) -> bool {
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").is_file();
+    let v1 = Path::new("/sys/fs/cgroup").join(controller);
+    let probe = if v2 {
+        PathBuf::from(format!(
+            "/sys/fs/cgroup/hypura-probe-{}",
+            std::process::id()
+        ))
+    } else {
+        v1.join(format!("hypura-probe-{}", std::process::id()))
+    };
+    let can = is_root() && (v2 || v1.is_dir()) && std::fs::create_dir(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    if !can {
+        eprintln!("SKIPPED: needs root and a {controller} cgroup controller it may use");
+    }
+    can
 }

@@ -134,7 +134,6 @@ impl Engine {
     fn note_layer(&mut self, layer: usize) {
         if self.last_layer_seen == usize::MAX || layer <= self.last_layer_seen {
             self.metrics.passes += 1;
-            self.experts.new_pass();
         }
         self.last_layer_seen = layer;
     }
@@ -206,7 +205,7 @@ impl Engine {
         }
         let io = &mut *self.reader;
         self.experts
-            .load_selected(layer, k, io, &mut self.metrics, self.gpu.as_mut())
+            .load_selected(layer, io, &mut self.metrics, self.gpu.as_mut())
     }
 }
 

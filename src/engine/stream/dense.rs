@@ -206,6 +206,13 @@ impl DenseSlots {
         self.n_slots
     }
 
+    /// Reads in flight the layers hold tickets for (tests: the reader has
+    /// no others).
+    #[cfg(test)]
+    pub fn tickets_held(&self) -> usize {
+        self.layers.iter().flatten().map(|l| l.tickets.len()).sum()
+    }
+
     /// The host slots: pinned staging memory of `pinned_for`'s backend when
     /// it has some (a staged device), else anonymous memory; registered with
     /// the reader.
@@ -392,9 +399,24 @@ impl DenseSlots {
             // collected: no tensor points into the slot before `ensure_ready`
             // has waited, the uploader copies only after that, and the slot is
             // not handed to another layer before this one is released.
-            let ticket = unsafe { io.submit(req) }
-                .with_context(|| format!("layer {layer}: cannot submit read"))?;
-            l.tickets.push(ticket);
+            match unsafe { io.submit(req) } {
+                Ok(ticket) => l.tickets.push(ticket),
+                Err(e) => {
+                    // The layer's reads submitted before this one are
+                    // collected before its slot goes back: none may land
+                    // in memory another layer gets, and none stays in the
+                    // reader for good. The layer is idle again, read
+                    // afresh when next needed.
+                    for &tk in &l.tickets {
+                        let _ = io.wait(tk);
+                    }
+                    l.tickets.clear();
+                    self.abandon(layer);
+                    return Err(
+                        anyhow::Error::new(e).context(format!("layer {layer}: cannot submit read"))
+                    );
+                }
+            }
             m.bytes_read += cap as u64;
             m.reads += 1;
         }
@@ -626,6 +648,58 @@ impl DenseSlots {
             debug_assert!(!self.free_slots.contains(&l.slot));
             self.free_slots.push(l.slot);
             l.slot = usize::MAX;
+        }
+    }
+
+    /// After an aborted pass: every read is collected and every copy has
+    /// finished, then every layer is idle with its host and device slots
+    /// free, so the next pass starts as the first did. Without this, layers
+    /// read or copied ahead of the failure would keep device slots that the
+    /// first layers of the next pass need (seen as "no free device slot").
+    pub fn reset(&mut self, io: &mut dyn ReadBackend, gpu: Option<&mut GpuPool>) {
+        let uploading = self
+            .layers
+            .iter()
+            .flatten()
+            .filter(|l| l.state == LayerState::Uploading)
+            .count();
+        let g = gpu.filter(|g| g.staged());
+        if let Some(up) = g.as_ref().and_then(|g| g.uploader().ok()) {
+            for _ in 0..uploading {
+                // The uploader answers once per job; a stopped thread copies
+                // nothing more either.
+                if up.recv().is_err() {
+                    break;
+                }
+            }
+        }
+        let mut dev_free = Vec::new();
+        for l in self.layers.iter_mut().flatten() {
+            for &tk in &l.tickets {
+                let _ = io.wait(tk);
+            }
+            l.tickets.clear();
+            // A RAM-tier copy stays valid only if its reads all succeeded:
+            // `ram_valid` is set when the copy is dispatched, after them.
+            l.state = LayerState::Idle;
+            if l.slot != usize::MAX {
+                self.free_slots.push(l.slot);
+                l.slot = usize::MAX;
+            }
+            if l.dev_slot != usize::MAX {
+                dev_free.push(l.dev_slot);
+                l.dev_slot = usize::MAX;
+            }
+        }
+        debug_assert!(self.free_slots.len() <= self.n_slots);
+        if let Some(g) = g {
+            g.dev_free.extend(dev_free);
+            g.next_copy = 0;
+            debug_assert!({
+                let mut d = g.dev_free.clone();
+                d.sort_unstable();
+                d.windows(2).all(|w| w[0] != w[1])
+            });
         }
     }
 

@@ -1,4 +1,4 @@
-//! The expert cache and the co-activation predictor (MoE streaming).
+//! The expert cache (MoE streaming).
 //!
 //! Every expert tensor (`*_exps`) has its place in an arena of address space;
 //! an expert is a contiguous range of each of its layer's tensors. When the
@@ -8,10 +8,11 @@
 //! default) picks which loaded expert goes first (never one of the layer's
 //! current picks, never one being read).
 //!
-//! The predictor counts, per pair of consecutive expert layers, which experts
-//! followed which (`coact`), and with lookahead ≥ 1 reads ahead the next
-//! layer's likeliest experts while the current layer computes, as long as
-//! read-ahead pays (at least half of it recently used).
+//! There is no read-ahead: experts cannot be known before the router has
+//! picked them, and a co-activation predictor (which experts of layer N
+//! followed the picks of layer N−1, read ahead while layer N−1 computed) did
+//! not measurably help on correlated routing (`docs/performance.md`), so it
+//! was removed.
 //!
 //! Staged GPU tier: the RAM cache can be pinned memory cut into uniform slots
 //! (one expert of a layer each), so copies to the device run at the pinned
@@ -24,7 +25,9 @@ use anyhow::{bail, Context as _, Result};
 use hypura_sys as sys;
 
 use crate::engine::device::{Buffer, Device};
-use crate::io::{slot_len_for, slot_offset_for, FileId, ReadBackend, ReadRequest, Ticket, ALIGN};
+use crate::io::{
+    slot_len_for, slot_offset_for, FileId, IoError, ReadBackend, ReadRequest, Ticket, ALIGN,
+};
 
 use super::memory::{arena_layout, Mapping};
 use super::metrics::StreamMetrics;
@@ -50,7 +53,7 @@ pub(super) struct ExpertTensor {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum ExpertState {
     Empty,
-    /// Reads in flight (a speculative prefetch); tickets in `pending`.
+    /// Reads in flight (within `load_selected`); tickets in `pending`.
     Loading,
     Loaded,
 }
@@ -58,8 +61,6 @@ pub(super) enum ExpertState {
 pub(super) struct ExpertLayer {
     pub tensors: Vec<ExpertTensor>,
     pub state: Vec<ExpertState>,
-    /// Read ahead by the predictor and not used yet.
-    speculative: Vec<bool>,
     /// Per expert × tensor: the ticket of a read in flight.
     pending: Vec<Option<Ticket>>,
     /// Per expert: the pass it was last selected in (eviction spares this
@@ -67,8 +68,6 @@ pub(super) struct ExpertLayer {
     last_used: Vec<u64>,
     /// The policy's slot of expert 0 (slots number all layers' experts).
     slot_base: usize,
-    /// Co-activation counts from the previous expert layer: `[e_prev * n + e]`.
-    coact: Vec<u32>,
     /// Memory one expert of this layer takes (all its tensors, aligned).
     expert_mem: u64,
     /// Staged GPU tier: the device slot this layer owns for good, if any.
@@ -86,18 +85,12 @@ impl ExpertLayer {
 /// The expert layers, the RAM cache they load into, and the predictor.
 pub(super) struct ExpertCache {
     pub layers: Vec<Option<ExpertLayer>>,
-    lookahead: usize,
     budget: u64,
     resident: u64,
     /// Most experts of a layer.
     max_n: usize,
     /// The layer at hand's selected experts (router ids, deduplicated).
     selected: Vec<i32>,
-    prev_ids: Vec<i32>,
-    prev_layer: usize,
-    scores: Vec<(u32, usize)>,
-    /// Recent read-ahead outcomes (decayed): used / wasted.
-    spec_recent: (u32, u32),
     tickets: Vec<Ticket>,
     /// Selected experts missing from the GPU slot (staged GPU tier).
     dev_missing: Vec<i32>,
@@ -118,15 +111,10 @@ impl ExpertCache {
     pub fn none() -> ExpertCache {
         ExpertCache {
             layers: Vec::new(),
-            lookahead: 0,
             budget: 0,
             resident: 0,
             max_n: 1,
             selected: Vec::new(),
-            prev_ids: Vec::new(),
-            prev_layer: usize::MAX,
-            scores: Vec::new(),
-            spec_recent: (0, 0),
             tickets: Vec::new(),
             dev_missing: Vec::new(),
             cache: None,
@@ -144,7 +132,6 @@ impl ExpertCache {
     pub fn new(
         specs: &[TensorSpec],
         n_layer: usize,
-        lookahead: usize,
         budget: u64,
         staged: Option<&Device>,
     ) -> Result<ExpertCache> {
@@ -161,11 +148,9 @@ impl ExpertCache {
             let layer = layers[t.layer].get_or_insert_with(|| ExpertLayer {
                 tensors: Vec::new(),
                 state: vec![ExpertState::Empty; n],
-                speculative: vec![false; n],
                 pending: Vec::new(),
                 last_used: vec![0; n],
                 slot_base: 0,
-                coact: vec![0; n * n],
                 expert_mem: 0,
                 dedicated_slot: None,
                 cache_slot: vec![u32::MAX; n],
@@ -220,13 +205,10 @@ impl ExpertCache {
         }
         Ok(ExpertCache {
             layers,
-            lookahead,
             budget,
             max_n,
             selected: Vec::with_capacity(max_n),
             dev_missing: Vec::with_capacity(max_n),
-            prev_ids: Vec::with_capacity(max_n),
-            scores: Vec::with_capacity(max_n),
             tickets: Vec::with_capacity(max_n * 4 + 16),
             arena: Some(arena),
             policy: policy::default_policy(n_slots),
@@ -257,6 +239,19 @@ impl ExpertCache {
         self.max_n
     }
 
+    /// Reads in flight the cache holds tickets for (tests: the reader has
+    /// no others).
+    #[cfg(test)]
+    pub fn tickets_held(&self) -> usize {
+        let pending: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|l| l.pending.iter().flatten().count())
+            .sum();
+        self.tickets.len() + pending
+    }
+
     /// The arena (the direct GPU tier wraps it).
     pub fn arena(&self) -> Option<&Mapping> {
         self.arena.as_ref()
@@ -270,11 +265,6 @@ impl ExpertCache {
     /// Experts of `layer`.
     pub fn n_experts(&self, layer: usize) -> Result<usize> {
         Ok(self.layers[layer].as_ref().context("expert layer")?.n())
-    }
-
-    /// A new pass (decode/ubatch) has started: no previous layer to learn from.
-    pub fn new_pass(&mut self) {
-        self.prev_layer = usize::MAX;
     }
 
     /// Starts collecting a layer's router picks.
@@ -355,14 +345,11 @@ impl ExpertCache {
     }
 
     /// Loads the selected experts of `layer` (see [`select`](Self::select))
-    /// that are not in memory, learns which experts follow which, and reads
-    /// ahead the next layer's likely experts (lookahead ≥ 1); `k` is the
-    /// router's picks per token. Staged GPU tier: only the picks missing from
+    /// that are not in memory. Staged GPU tier: only the picks missing from
     /// the layer's device slot are loaded, then copied there.
     pub fn load_selected(
         &mut self,
         layer: usize,
-        k: usize,
         io: &mut dyn ReadBackend,
         m: &mut StreamMetrics,
         mut gpu: Option<&mut GpuPool>,
@@ -370,9 +357,7 @@ impl ExpertCache {
         if let Some(g) = gpu.as_deref_mut().filter(|g| g.per_slot()) {
             return self.load_into_slot(layer, io, m, g);
         }
-        let n_exp = self.n_experts(layer)?;
         let pass = m.passes;
-        self.learn_coactivation(layer);
 
         // Staged GPU tier: experts already in this layer's device slot need
         // nothing; the host part below works on the missing ones only.
@@ -403,93 +388,54 @@ impl ExpertCache {
             let e = id as usize;
             el.last_used[e] = pass;
             self.policy.touch(el.slot_base + e, pass);
-            match (el.state[e], el.speculative[e]) {
-                (ExpertState::Empty, _) => need += el.expert_mem,
-                (_, true) => {
-                    m.expert_prefetch_used += 1;
-                    self.spec_recent.0 += 1;
-                }
-                (ExpertState::Loaded, false) => m.expert_hits += 1,
-                (ExpertState::Loading, false) => {}
+            match el.state[e] {
+                ExpertState::Empty => need += el.expert_mem,
+                ExpertState::Loaded => m.expert_hits += 1,
+                // No read of a layer outlives its `load_selected`.
+                ExpertState::Loading => debug_assert!(false, "expert {e} loading"),
             }
-        }
-        for e in 0..el.n() {
-            if el.speculative[e] && el.last_used[e] != pass {
-                m.expert_prefetch_wasted += 1;
-                self.spec_recent.1 += 1;
-            }
-            el.speculative[e] = false;
         }
         self.evict_until(need, layer, pass);
 
-        self.tickets.clear();
-        for i in 0..self.selected.len() {
+        // Every miss of the layer is submitted before the first wait, in
+        // expert order, a run of adjacent missing experts as one request per
+        // tensor (expert e + 1 follows expert e in the file and the arena).
+        self.selected.sort_unstable();
+        let mut i = 0;
+        while i < self.selected.len() {
             let e = self.selected[i] as usize;
-            let state = self.layers[layer]
-                .as_ref()
-                .map_or(ExpertState::Loaded, |l| l.state[e]);
-            match state {
-                ExpertState::Empty => {
-                    m.expert_misses += 1;
-                    self.submit_expert(layer, e, io, m)?;
-                    self.collect_pending(layer, e);
-                }
-                ExpertState::Loading => self.collect_pending(layer, e),
-                ExpertState::Loaded => {}
+            let run = self.missing_run(layer, i);
+            i += run.max(1);
+            if run == 0 {
+                continue;
             }
-        }
-        // Read-aheads the router did not pick finish too (they become cache):
-        // no read of this layer stays in flight past its top-k.
-        for e in 0..n_exp {
-            if self.layers[layer]
-                .as_ref()
-                .is_some_and(|l| l.state[e] == ExpertState::Loading)
-            {
-                self.collect_pending(layer, e);
+            m.expert_misses += run as u64;
+            if let Err(err) = self.submit_experts(layer, e, run, io, m) {
+                // What was submitted before is collected before the layer is
+                // reset: none of it may land in cache memory given to another
+                // expert later, none stays in the reader.
+                let _ = self.collect_layer(layer, io);
+                return Err(err);
             }
         }
         let t0 = Instant::now();
         // Every read is collected, failed or not: none may still be writing
-        // into the cache when its slot is reused.
-        let mut failed = None;
-        for &tk in &self.tickets {
-            if let Err(e) = io.wait(tk) {
-                failed.get_or_insert(e);
-            }
-        }
-        self.tickets.clear();
-        if let Some(e) = failed {
-            // The layer's loading experts hold bytes of failed reads: they
-            // are empty again, read afresh when next picked.
-            let n = self.n_experts(layer)?;
-            for e in 0..n {
-                if self.layers[layer]
-                    .as_ref()
-                    .is_some_and(|l| l.state[e] == ExpertState::Loading)
-                {
-                    self.evict_expert(layer, e);
-                }
-            }
+        // into the cache when its slot is reused, no read of this layer stays
+        // in flight past its top-k.
+        if let Err(e) = self.collect_layer(layer, io) {
             return Err(anyhow::Error::new(e).context(format!("layer {layer}: expert read failed")));
         }
         let waited = t0.elapsed().as_nanos() as u64;
         m.stall_ns += waited;
         m.io_busy_ns += waited;
-        if let Some(el) = self.layers[layer].as_mut() {
-            for st in el.state.iter_mut().filter(|s| **s == ExpertState::Loading) {
-                *st = ExpertState::Loaded;
-            }
-            debug_assert!(el.pending.iter().all(Option::is_none));
-        }
+        debug_assert!(self.layers[layer].as_ref().is_some_and(|l| l
+            .pending
+            .iter()
+            .all(Option::is_none)
+            && !l.state.contains(&ExpertState::Loading)));
         if let Some(slot) = dev_slot {
             self.upload_experts(layer, slot, gpu.context("device pool")?, m)?;
             std::mem::swap(&mut self.selected, &mut self.dev_missing);
-        }
-        self.prev_ids.clear();
-        self.prev_ids.extend_from_slice(&self.selected);
-        self.prev_layer = layer;
-        if self.lookahead > 0 {
-            self.speculate(layer + 1, k, io, m)?;
         }
         Ok(())
     }
@@ -607,27 +553,77 @@ impl ExpertCache {
         Ok(())
     }
 
-    /// Moves expert `e`'s in-flight tickets into the wait list.
-    fn collect_pending(&mut self, layer: usize, e: usize) {
-        let Some(el) = self.layers[layer].as_mut() else {
-            return;
+    /// How many experts from `selected[i]` on are missing from the cache and
+    /// adjacent (ids `e, e + 1, ...`; `selected` sorted): read as one run.
+    /// Zero when `selected[i]` is not missing. Runs are one expert long with
+    /// the pinned cache, whose slots are not adjacent.
+    fn missing_run(&self, layer: usize, i: usize) -> usize {
+        let Some(el) = self.layers[layer].as_ref() else {
+            return 0;
         };
-        let nt = el.tensors.len();
-        for slot in &mut el.pending[e * nt..(e + 1) * nt] {
-            if let Some(tk) = slot.take() {
-                self.tickets.push(tk);
-            }
+        let first = self.selected[i];
+        let run = self.selected[i..]
+            .iter()
+            .enumerate()
+            .take_while(|&(j, &id)| {
+                id == first + j as i32 && el.state[id as usize] == ExpertState::Empty
+            })
+            .count();
+        if self.cache.is_some() {
+            run.min(1)
+        } else {
+            run
         }
     }
 
-    /// Submits the reads of expert `e` of `layer` (all its tensors).
-    fn submit_expert(
+    /// Collects every read of `layer` in flight,
+    /// failed or not. On a failure the layer's loading experts hold bytes of
+    /// failed reads: they are empty again, read afresh when next picked, and
+    /// the first error is returned. Otherwise they are loaded.
+    fn collect_layer(&mut self, layer: usize, io: &mut dyn ReadBackend) -> Result<(), IoError> {
+        self.tickets.clear();
+        if let Some(el) = self.layers[layer].as_mut() {
+            self.tickets
+                .extend(el.pending.iter_mut().filter_map(Option::take));
+        }
+        let mut failed = None;
+        for &tk in &self.tickets {
+            if let Err(e) = io.wait(tk) {
+                failed.get_or_insert(e);
+            }
+        }
+        self.tickets.clear();
+        let n = self.layers[layer].as_ref().map_or(0, |l| l.n());
+        for e in 0..n {
+            let loading = self.layers[layer]
+                .as_ref()
+                .is_some_and(|l| l.state[e] == ExpertState::Loading);
+            if !loading {
+                continue;
+            }
+            if failed.is_some() {
+                self.evict_expert(layer, e);
+            } else if let Some(el) = self.layers[layer].as_mut() {
+                el.state[e] = ExpertState::Loaded;
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Submits the reads of experts `e0 .. e0 + count` of `layer` (adjacent
+    /// in every tensor: one request per tensor; `count` is 1 with the pinned
+    /// cache). Their tickets sit at `e0`'s place in `pending`. If a
+    /// submission fails, the reads submitted before it are collected and the
+    /// experts stay empty.
+    fn submit_experts(
         &mut self,
         layer: usize,
-        e: usize,
+        e0: usize,
+        count: usize,
         io: &mut dyn ReadBackend,
         m: &mut StreamMetrics,
     ) -> Result<()> {
+        debug_assert!(count >= 1 && (count == 1 || self.cache.is_none()));
         if self.cache.is_some() {
             let slot = self
                 .cache_free
@@ -636,7 +632,7 @@ impl ExpertCache {
             self.layers[layer]
                 .as_mut()
                 .context("expert layer")?
-                .cache_slot[e] = slot;
+                .cache_slot[e0] = slot;
         }
         let nt = self.layers[layer]
             .as_ref()
@@ -644,119 +640,58 @@ impl ExpertCache {
             .tensors
             .len();
         for j in 0..nt {
-            let addr = self.expert_addr(layer, e, j);
+            let addr = self.expert_addr(layer, e0, j);
             let el = self.layers[layer].as_mut().context("expert layer")?;
+            debug_assert!((e0..e0 + count).all(|e| el.state[e] == ExpertState::Empty));
             let t = &el.tensors[j];
-            let off = t.file_offset + (e * t.expert_bytes) as u64;
-            // SAFETY: `addr` is the expert's place in the arena (memory ≡ file
+            let off = t.file_offset + (e0 * t.expert_bytes) as u64;
+            let len = count * t.expert_bytes;
+            // SAFETY: `addr` is expert e0's place in the arena (memory ≡ file
             // offset mod 4096) or in its pinned cache slot (piece start +
             // offset mod 4096): the aligned superset starts at the aligned-down
             // address, inside the same range.
             let dst = unsafe { addr.sub(slot_offset_for(off)) };
-            let cap = slot_len_for(off, t.expert_bytes);
+            let cap = slot_len_for(off, len);
             let req = ReadRequest {
                 file: FileId(0),
                 file_offset: off,
-                len: t.expert_bytes,
+                len,
                 dst,
                 dst_cap: cap,
             };
-            // SAFETY: the range is this expert's place in the arena or its cache
-            // slot, valid while the engine lives (the reader is dropped first).
-            // Boundary pages shared with a neighbour expert get identical file
-            // bytes, and nothing computes on the tensor before its layer's
-            // top-k has waited for every read of the layer.
-            let tk = unsafe { io.submit(req) }
-                .with_context(|| format!("layer {layer}: cannot submit expert read"))?;
-            el.pending[e * nt + j] = Some(tk);
+            // SAFETY: the range is these experts' place in the arena (they
+            // follow each other there as in the file) or expert e0's cache
+            // slot, valid while the engine lives (the reader is dropped
+            // first). Boundary pages shared with a neighbour expert get
+            // identical file bytes, and nothing computes on the tensor before
+            // its layer's top-k has waited for every read of the layer.
+            match unsafe { io.submit(req) } {
+                Ok(tk) => el.pending[e0 * nt + j] = Some(tk),
+                Err(e) => {
+                    // Collect what this run submitted; the experts stay
+                    // empty, their cache slot free.
+                    for tk in el.pending[e0 * nt..e0 * nt + j]
+                        .iter_mut()
+                        .filter_map(Option::take)
+                    {
+                        let _ = io.wait(tk);
+                    }
+                    if self.cache.is_some() {
+                        self.cache_free.push(el.cache_slot[e0]);
+                        el.cache_slot[e0] = u32::MAX;
+                    }
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("layer {layer}: cannot submit expert read")));
+                }
+            }
             m.bytes_read += cap as u64;
             m.reads += 1;
         }
         let el = self.layers[layer].as_mut().context("expert layer")?;
-        el.state[e] = ExpertState::Loading;
-        self.resident += el.expert_mem;
-        Ok(())
-    }
-
-    /// Counts which experts of `layer` followed the previous layer's picks.
-    fn learn_coactivation(&mut self, layer: usize) {
-        if self.prev_layer == usize::MAX || self.prev_layer + 1 != layer {
-            return;
+        for e in e0..e0 + count {
+            el.state[e] = ExpertState::Loading;
         }
-        let Some(el) = self.layers[layer].as_mut() else {
-            return;
-        };
-        let n = el.n();
-        for &p in &self.prev_ids {
-            let p = p as usize;
-            if p >= n {
-                continue;
-            }
-            for &e in &self.selected {
-                let c = &mut el.coact[p * n + e as usize];
-                *c = c.saturating_add(1);
-            }
-        }
-    }
-
-    /// Reads ahead the `k` experts of `layer` that most often followed the
-    /// current picks, if the budget has room without evicting anything in use.
-    fn speculate(
-        &mut self,
-        layer: usize,
-        k: usize,
-        io: &mut dyn ReadBackend,
-        m: &mut StreamMetrics,
-    ) -> Result<()> {
-        // Read ahead only while it pays: at least half of recent read-aheads
-        // used. When it does not, one pass in 32 still probes with one expert,
-        // so a model whose routing becomes predictable gets read-ahead back.
-        let (used, wasted) = self.spec_recent;
-        if used + wasted > 256 {
-            self.spec_recent = (used / 2, wasted / 2);
-        }
-        let total = used + wasted;
-        let paying = total < 32 || used * 2 >= total;
-        if !paying && !m.passes.is_multiple_of(32) {
-            return Ok(());
-        }
-        // While it is not paying, a probe reads one expert, not k.
-        let k = if paying { k } else { 1 };
-        let Some(el) = self.layers.get(layer).and_then(Option::as_ref) else {
-            return Ok(());
-        };
-        let n = el.n();
-        self.scores.clear();
-        for e in 0..n {
-            if el.state[e] != ExpertState::Empty {
-                continue;
-            }
-            let score: u32 = self
-                .prev_ids
-                .iter()
-                .filter(|&&p| (p as usize) < n)
-                .map(|&p| el.coact[p as usize * n + e])
-                .sum();
-            if score > 0 {
-                self.scores.push((score, e));
-            }
-        }
-        self.scores
-            .sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mem = el.expert_mem;
-        let take = k.min(self.scores.len());
-        let pass = m.passes;
-        for i in 0..take {
-            let e = self.scores[i].1;
-            self.evict_until(mem, self.prev_layer, pass);
-            if self.resident + mem > self.budget {
-                break;
-            }
-            self.submit_expert(layer, e, io, m)?;
-            if let Some(el) = self.layers[layer].as_mut() {
-                el.speculative[e] = true;
-            }
-        }
+        self.resident += count as u64 * el.expert_mem;
         Ok(())
     }
 
@@ -815,7 +750,6 @@ impl ExpertCache {
             }
         }
         l.state[e] = ExpertState::Empty;
-        l.speculative[e] = false;
         self.resident = self.resident.saturating_sub(l.expert_mem);
     }
 }

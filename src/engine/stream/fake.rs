@@ -62,6 +62,8 @@ pub struct FakeReader {
     pub log: Arc<Mutex<Vec<(u64, usize)>>>,
     /// Reads of this file offset fail with EIO when collected.
     pub fail_offset: Option<u64>,
+    /// Most requests in flight at once so far.
+    pub peak_in_flight: usize,
 }
 
 // SAFETY: the raw destinations in `in_flight` are written only from the
@@ -88,6 +90,7 @@ impl FakeReader {
             in_flight: Vec::new(),
             log: Arc::new(Mutex::new(Vec::new())),
             fail_offset: None,
+            peak_in_flight: 0,
         }
     }
 
@@ -191,6 +194,7 @@ impl ReadBackend for FakeReader {
             polls,
             owned: None,
         });
+        self.peak_in_flight = self.peak_in_flight.max(self.in_flight.len());
         if self.complete == Complete::AtSubmit {
             self.write(self.in_flight.len() - 1);
         }

@@ -15,12 +15,8 @@ pub struct StreamMetrics {
     pub io_busy_ns: u64,
     /// Expert loads avoided because an earlier token had loaded the expert.
     pub expert_hits: u64,
-    /// Experts read from disk (speculative reads that were used included).
+    /// Experts read from disk.
     pub expert_misses: u64,
-    /// Experts read ahead by the co-activation predictor and then used.
-    pub expert_prefetch_used: u64,
-    /// Experts read ahead and not used by the token they were read for.
-    pub expert_prefetch_wasted: u64,
     /// Full passes over the layers (one per decode/ubatch).
     pub passes: u64,
     /// Bytes copied host→device (GPU tier, staged).
@@ -38,8 +34,6 @@ impl StreamMetrics {
             io_busy_ns: self.io_busy_ns - earlier.io_busy_ns,
             expert_hits: self.expert_hits - earlier.expert_hits,
             expert_misses: self.expert_misses - earlier.expert_misses,
-            expert_prefetch_used: self.expert_prefetch_used - earlier.expert_prefetch_used,
-            expert_prefetch_wasted: self.expert_prefetch_wasted - earlier.expert_prefetch_wasted,
             passes: self.passes - earlier.passes,
             upload_bytes: self.upload_bytes - earlier.upload_bytes,
             gpu_hits: self.gpu_hits - earlier.gpu_hits,

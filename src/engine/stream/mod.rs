@@ -420,13 +420,7 @@ impl Engine {
                 }
             }
             Mode::Experts | Mode::GpuExperts => {
-                e.experts = ExpertCache::new(
-                    &specs,
-                    n_layer,
-                    plan.lookahead,
-                    plan.pool_bytes,
-                    staged.as_ref(),
-                )?;
+                e.experts = ExpertCache::new(&specs, n_layer, plan.pool_bytes, staged.as_ref())?;
                 if let Some((dev, upload)) = gpu {
                     let pool = match upload {
                         Upload::Staged => {
@@ -449,7 +443,6 @@ impl Engine {
                                     e.experts = ExpertCache::new(
                                         &specs,
                                         n_layer,
-                                        plan.lookahead,
                                         plan.pool_bytes,
                                         Some(&dev),
                                     )?;
@@ -584,6 +577,7 @@ impl Engine {
             .as_ref()
             .is_some_and(|g| g.staged() || g.per_slot());
         self.dense.point_at_zeros(on_guard);
+        self.dense.reset(&mut *self.reader, self.gpu.as_mut());
     }
 }
 

@@ -275,18 +275,17 @@ fn expert_streaming_through_the_callbacks_is_byte_exact() {
         assert_eq!(checked, 20 * m.specs.len());
         let s = st.metrics();
         assert_eq!(s.passes, 20);
-        // Every distinct pick is a hit, a miss or a used read-ahead.
+        // Every distinct pick is a hit or a miss (the lookahead changes
+        // nothing: experts are not read ahead).
         assert_eq!(
-            s.expert_hits + s.expert_misses + s.expert_prefetch_used,
-            picks
+            s.expert_hits + s.expert_misses,
+            picks,
+            "lookahead {lookahead}"
         );
-        // Read-ahead only with lookahead, and it pays off when experts get
-        // evicted (with room for all of them, what it would read is loaded).
-        let reads_ahead = s.expert_prefetch_used + s.expert_prefetch_wasted > 0;
-        assert_eq!(reads_ahead, lookahead > 0 && budget < 24, "{s:?}");
+        assert!(s.expert_misses > 0, "{s:?}");
         if budget == 24 {
             // Everything fits: each expert is read at most once, then hits.
-            assert!(s.expert_misses + s.expert_prefetch_used <= 24, "{s:?}");
+            assert!(s.expert_misses <= 24, "{s:?}");
             assert!(s.expert_hits > 0, "{s:?}");
         }
         drop(st);

@@ -124,8 +124,42 @@ fn a_slow_read_is_late_and_exact() {
 }
 
 #[test]
+fn a_refused_submission_queues_nothing_and_leaves_the_others_in_flight() {
+    let f = temp_file(1 << 16);
+    for backend in BACKENDS {
+        let plan = FaultPlan::new().with(Trigger::Nth(2), Fault::Refuse);
+        let mut r = reader(&f, backend, plan);
+        let first = r
+            .submit_owned(FileId(0), 100, 6000, AlignedBuf::new(2 * 4096).unwrap())
+            .unwrap();
+        let e = r
+            .submit_owned(FileId(0), 9000, 3000, AlignedBuf::new(2 * 4096).unwrap())
+            .expect_err("the second submission is refused");
+        assert!(
+            matches!(&e, IoError::Read { offset: 9000, file, .. } if file == f.path()),
+            "{e:?}"
+        );
+        assert_eq!(
+            r.outstanding(),
+            1,
+            "{backend:?}: nothing queued, the first in flight"
+        );
+        let third = r
+            .submit_owned(FileId(0), 20_000, 100, AlignedBuf::new(4096).unwrap())
+            .unwrap();
+        for (t, off, len) in [(first, 100u64, 6000u64), (third, 20_000, 100)] {
+            let c = r.wait(t).unwrap();
+            let want: Vec<u8> = (off..off + len).map(byte).collect();
+            assert_eq!(c.bytes().unwrap(), &want[..], "{backend:?}");
+        }
+        assert_eq!(r.injected().load(Ordering::Relaxed), 1);
+        assert_eq!(r.outstanding(), 0);
+    }
+}
+
+#[test]
 fn plans_parse() {
-    let p = FaultPlan::parse("eio@40, short=7@off=4096,slow=1500@all,short@3").unwrap();
+    let p = FaultPlan::parse("eio@40, short=7@off=4096,slow=1500@all,short@3,refuse@9").unwrap();
     assert_eq!(
         p.rules,
         vec![
@@ -133,6 +167,7 @@ fn plans_parse() {
             (Trigger::Offset(4096), Fault::Short { missing: 7 }),
             (Trigger::All, Fault::Slow(Duration::from_millis(1500))),
             (Trigger::Nth(3), Fault::Short { missing: 0 }),
+            (Trigger::Nth(9), Fault::Refuse),
         ]
     );
     for bad in ["", "eio", "boom@1", "eio@x", "slow@1"] {

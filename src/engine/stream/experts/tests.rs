@@ -1,5 +1,5 @@
-//! The expert cache and the predictor on a fake reader: LRU against a
-//! reference, co-activation read-ahead, probes, router ids.
+//! The expert cache on a fake reader: LRU against a reference, merged reads
+//! of adjacent misses, router ids.
 
 use std::collections::BTreeMap;
 
@@ -24,13 +24,12 @@ fn expert_mem() -> u64 {
     EXPERT.iter().map(|&b| slot_len_for(0, b) as u64).sum()
 }
 
-fn cache(m: &FakeModel, lookahead: usize, experts: u64) -> ExpertCache {
-    ExpertCache::new(&m.specs, m.n_layer, lookahead, experts * expert_mem(), None).unwrap()
+fn cache(m: &FakeModel, experts: u64) -> ExpertCache {
+    ExpertCache::new(&m.specs, m.n_layer, experts * expert_mem(), None).unwrap()
 }
 
-fn next_pass(c: &mut ExpertCache, metrics: &mut StreamMetrics) {
+fn next_pass(metrics: &mut StreamMetrics) {
     metrics.passes += 1;
-    c.new_pass();
 }
 
 /// The router picked `ids` (k per token) in `layer`: load them and check
@@ -41,14 +40,13 @@ fn pick(
     io: &mut FakeReader,
     metrics: &mut StreamMetrics,
     layer: usize,
-    k: usize,
     ids: &[i32],
 ) {
     c.clear_selection();
     for &id in ids {
         c.select(layer, id, N).unwrap();
     }
-    c.load_selected(layer, k, io, metrics, None).unwrap();
+    c.load_selected(layer, io, metrics, None).unwrap();
     let l = c.layers[layer].as_ref().unwrap();
     for &id in ids {
         let e = id as usize;
@@ -62,22 +60,6 @@ fn pick(
             assert!(got == want, "layer {layer} expert {e} tensor {j}");
         }
     }
-}
-
-/// Layers and experts of the submissions logged since `*seen`.
-fn new_reads(m: &FakeModel, io: &FakeReader, seen: &mut usize) -> Vec<(usize, usize)> {
-    let log = FakeReader::submitted(&io.log);
-    let mut got: Vec<(usize, usize)> = log[*seen..]
-        .iter()
-        .map(|&(off, _)| {
-            let t = m.spec_at(off);
-            let e = (off - t.file_offset) as usize / (t.size / t.n_experts);
-            (t.layer, e)
-        })
-        .collect();
-    got.dedup();
-    *seen = log.len();
-    got
 }
 
 /// A plain LRU over (layer, expert) with the engine's rules: a layer's
@@ -132,8 +114,7 @@ fn hits_misses_and_evictions_follow_a_reference_lru() {
     ] {
         let m = model(n_layer);
         let mut io = m.reader(complete);
-        // Lookahead 0: no read-ahead, the cache alone.
-        let mut c = cache(&m, 0, cap as u64);
+        let mut c = cache(&m, cap as u64);
         c.set_policy(PolicyKind::Lru);
         let mut metrics = StreamMetrics::default();
         let mut lru = RefLru {
@@ -144,14 +125,14 @@ fn hits_misses_and_evictions_follow_a_reference_lru() {
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(cap as u64);
         for _ in 0..150 {
-            next_pass(&mut c, &mut metrics);
+            next_pass(&mut metrics);
             for layer in 0..n_layer {
                 // One or two tokens of k = 2, skewed towards low experts.
                 let n_tok = rng.gen_range(1..=2);
                 let ids: Vec<i32> = (0..2 * n_tok)
                     .map(|_| rng.gen_range(0..N).min(rng.gen_range(0..N)) as i32)
                     .collect();
-                pick(&m, &mut c, &mut io, &mut metrics, layer, 2, &ids);
+                pick(&m, &mut c, &mut io, &mut metrics, layer, &ids);
                 let mut picks: Vec<usize> = Vec::new();
                 for &id in &ids {
                     if !picks.contains(&(id as usize)) {
@@ -178,101 +159,67 @@ fn hits_misses_and_evictions_follow_a_reference_lru() {
         // Room for 3 < 3 layers' picks: each layer evicts the others, no hits.
         let no_hits = cap == 3 && n_layer == 3;
         assert!(lru.misses > 0 && (no_hits || lru.hits > 0), "cap {cap}");
+    }
+}
+
+#[test]
+fn adjacent_misses_are_read_together_in_one_request_per_tensor() {
+    let m = model(1);
+    for complete in [
+        Complete::AtSubmit,
+        Complete::Reversed,
+        Complete::WhenCollected { polls: 0 },
+    ] {
+        let mut io = m.reader(complete);
+        let mut c = cache(&m, 8);
+        let mut metrics = StreamMetrics::default();
+        // (first expert, experts) of each run, one request per tensor.
+        let runs = |c: &ExpertCache, runs: &[(usize, usize)]| -> Vec<(u64, usize)> {
+            let l = c.layers[0].as_ref().unwrap();
+            runs.iter()
+                .flat_map(|&(e0, n)| {
+                    l.tensors.iter().map(move |t| {
+                        (
+                            t.file_offset + (e0 * t.expert_bytes) as u64,
+                            n * t.expert_bytes,
+                        )
+                    })
+                })
+                .collect()
+        };
+        // Misses 3, 6, 1, 2 in router order: runs 1..=3 and 6.
+        next_pass(&mut metrics);
+        pick(&m, &mut c, &mut io, &mut metrics, 0, &[3, 6, 1, 2]);
+        let want = runs(&c, &[(1, 3), (6, 1)]);
+        assert_eq!(FakeReader::submitted(&io.log), want, "{complete:?}");
+        assert_eq!((metrics.reads, metrics.expert_misses), (6, 4));
+        // Every miss of the layer was in flight before the first wait.
+        assert_eq!(io.peak_in_flight, 6, "{complete:?}");
+        // 2 is cached: misses 0 | 4, 5 are two runs, the hit splits none.
+        next_pass(&mut metrics);
+        pick(&m, &mut c, &mut io, &mut metrics, 0, &[5, 2, 0, 4]);
+        let mut want2 = want.clone();
+        want2.extend(runs(&c, &[(0, 1), (4, 2)]));
+        assert_eq!(FakeReader::submitted(&io.log), want2, "{complete:?}");
         assert_eq!(
-            metrics.expert_prefetch_used + metrics.expert_prefetch_wasted,
-            0
+            (metrics.reads, metrics.expert_misses, metrics.expert_hits),
+            (12, 7, 1)
         );
+        // A cached expert between misses splits the run: 3 cached, 2 and 4 not.
+        c.evict_expert(0, 2);
+        c.evict_expert(0, 4);
+        next_pass(&mut metrics);
+        pick(&m, &mut c, &mut io, &mut metrics, 0, &[2, 3, 4]);
+        want2.extend(runs(&c, &[(2, 1), (4, 1)]));
+        assert_eq!(FakeReader::submitted(&io.log), want2, "{complete:?}");
+        assert_eq!(io.outstanding(), 0);
     }
-}
-
-#[test]
-fn the_predictor_reads_ahead_what_followed_before() {
-    let m = model(2);
-    let mut io = m.reader(Complete::WhenCollected { polls: 0 });
-    let mut c = cache(&m, 1, 16);
-    let mut metrics = StreamMetrics::default();
-    let mut seen = 0;
-    // Pass 1: layer 1's expert 6 follows layer 0's expert 1. Nothing is
-    // known yet: no read-ahead.
-    next_pass(&mut c, &mut metrics);
-    pick(&m, &mut c, &mut io, &mut metrics, 0, 1, &[1]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![(0, 1)]);
-    pick(&m, &mut c, &mut io, &mut metrics, 1, 1, &[6]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 6)]);
-    assert_eq!(c.layers[1].as_ref().unwrap().coact[N + 6], 1);
-
-    // Pass 2, layer 1's expert 6 evicted meanwhile: after layer 0 picks 1
-    // again, expert 6 is read ahead while layer 0 computes.
-    c.evict_expert(1, 6);
-    next_pass(&mut c, &mut metrics);
-    pick(&m, &mut c, &mut io, &mut metrics, 0, 1, &[1]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 6)]);
-    assert_eq!(c.layers[1].as_ref().unwrap().state[6], ExpertState::Loading);
-    assert_eq!(io.outstanding(), EXPERT.len());
-    pick(&m, &mut c, &mut io, &mut metrics, 1, 1, &[6]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![]);
-    assert_eq!(metrics.expert_prefetch_used, 1);
-
-    // Pass 3: the read-ahead guesses 6 again, the router picks 3.
-    c.evict_expert(1, 6);
-    next_pass(&mut c, &mut metrics);
-    pick(&m, &mut c, &mut io, &mut metrics, 0, 1, &[1]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 6)]);
-    pick(&m, &mut c, &mut io, &mut metrics, 1, 1, &[3]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 3)]);
-    assert_eq!(metrics.expert_prefetch_wasted, 1);
-    // The unused read-ahead was collected with the layer and stays cached.
-    assert_eq!(io.outstanding(), 0);
-    assert_eq!(c.layers[1].as_ref().unwrap().state[6], ExpertState::Loaded);
-    assert_eq!(c.layers[1].as_ref().unwrap().coact[N + 3], 1);
-    // Layer 0's 1 was a hit twice; misses: 1, 6, 3.
-    assert_eq!((metrics.expert_hits, metrics.expert_misses), (2, 3));
-}
-
-#[test]
-fn read_ahead_that_does_not_pay_becomes_a_rare_probe() {
-    let m = model(2);
-    let mut io = m.reader(Complete::AtSubmit);
-    let mut c = cache(&m, 1, 16);
-    let mut metrics = StreamMetrics::default();
-    // Layer 0 picks {0}; layer 1 picked {1, 2} after it once.
-    next_pass(&mut c, &mut metrics);
-    pick(&m, &mut c, &mut io, &mut metrics, 0, 2, &[0]);
-    pick(&m, &mut c, &mut io, &mut metrics, 1, 2, &[1, 2]);
-    let mut seen = FakeReader::submitted(&io.log).len();
-    // Recent read-ahead mostly wasted.
-    c.spec_recent = (10, 90);
-    for pass in 2..=64u64 {
-        c.evict_expert(1, 1);
-        c.evict_expert(1, 2);
-        next_pass(&mut c, &mut metrics);
-        assert_eq!(metrics.passes, pass);
-        pick(&m, &mut c, &mut io, &mut metrics, 0, 2, &[0]);
-        let reads = new_reads(&m, &io, &mut seen);
-        if pass % 32 == 0 {
-            // A probe: one expert, the likeliest (ties: the lowest).
-            assert_eq!(reads, vec![(1, 1)], "pass {pass}");
-        } else {
-            assert_eq!(reads, vec![], "pass {pass}");
-        }
-        // Layer 1 takes its picks (collecting any read-ahead).
-        pick(&m, &mut c, &mut io, &mut metrics, 1, 2, &[1, 2]);
-        new_reads(&m, &io, &mut seen);
-        c.spec_recent = (10, 90);
-    }
-    // Paying again: k experts are read ahead.
-    c.spec_recent = (60, 40);
-    c.evict_expert(1, 1);
-    c.evict_expert(1, 2);
-    next_pass(&mut c, &mut metrics);
-    pick(&m, &mut c, &mut io, &mut metrics, 0, 2, &[0]);
-    assert_eq!(new_reads(&m, &io, &mut seen), vec![(1, 1), (1, 2)]);
 }
 
 #[test]
 fn router_ids_are_checked_and_deduplicated() {
     let m = model(1);
-    let mut c = cache(&m, 0, 4);
+    let mut c = cache(&m, 4);
     c.clear_selection();
     for id in [3, 5, 3, 5, 0] {
         c.select(0, id, N).unwrap();
@@ -287,18 +234,18 @@ fn router_ids_are_checked_and_deduplicated() {
 /// Replays `t` through the cache (lookahead 0, policy `k`): hits and misses.
 fn replay(m: &FakeModel, t: &Trace, cap: u64, k: PolicyKind) -> (u64, u64) {
     let mut io = m.reader(Complete::Reversed);
-    let mut c = cache(m, 0, cap);
+    let mut c = cache(m, cap);
     c.set_policy(k);
     let mut metrics = StreamMetrics::default();
     let mut pass = 0;
     for (p, layer, picks) in t.steps() {
         if p != pass {
             assert_eq!(p, pass + 1, "passes in order");
-            next_pass(&mut c, &mut metrics);
+            next_pass(&mut metrics);
             pass = p;
         }
         let ids: Vec<i32> = picks.iter().map(|&e| e as i32).collect();
-        pick(m, &mut c, &mut io, &mut metrics, layer, 2, &ids);
+        pick(m, &mut c, &mut io, &mut metrics, layer, &ids);
     }
     (metrics.expert_hits, metrics.expert_misses)
 }
@@ -400,16 +347,17 @@ fn a_layers_misses_are_all_in_flight_before_the_first_wait() {
         inner: m.reader(Complete::WhenCollected { polls: 0 }),
         depths: Vec::new(),
     };
-    let mut c = cache(&m, 0, 8);
+    let mut c = cache(&m, 8);
     let mut metrics = StreamMetrics::default();
-    next_pass(&mut c, &mut metrics);
+    next_pass(&mut metrics);
     c.clear_selection();
     for id in [6, 1, 4, 2] {
         c.select(0, id, N).unwrap();
     }
-    c.load_selected(0, 4, &mut io, &mut metrics, None).unwrap();
-    // 4 experts × 3 tensors, one request each, all queued at the first wait.
-    assert_eq!(metrics.reads, 12);
-    assert_eq!(io.depths.first(), Some(&12), "{:?}", io.depths);
+    c.load_selected(0, &mut io, &mut metrics, None).unwrap();
+    // 4 experts in 3 runs (1-2, 4, 6) × 3 tensors, one request each, all
+    // queued at the first wait.
+    assert_eq!(metrics.reads, 9);
+    assert_eq!(io.depths.first(), Some(&9), "{:?}", io.depths);
     assert_eq!(io.outstanding(), 0);
 }

@@ -1,7 +1,9 @@
 //! Faults during a run, through the callbacks: EIO on the n-th read and short
 //! reads abort the compute with an error naming the file and the offset, and
 //! nothing computes on the bytes a failed read did not deliver; a slow read is
-//! waited for. Over the fake reader and the real pread and io_uring backends
+//! waited for; a refused submission in the middle of a layer's reads aborts
+//! with the layer's earlier reads collected, and the next pass reads it
+//! afresh. Over the fake reader and the real pread and io_uring backends
 //! (a temp file), dense and experts, CPU and the staged GPU tier on ggml's
 //! CPU device. Every case runs on its own thread under a time limit.
 
@@ -16,6 +18,9 @@ use crate::io::{open_reader, Backend, IoOptions};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Io {
     Fake,
+    /// The fake reader completing every read at submission: layers ahead
+    /// are read, and copied, before the ones computing.
+    FakeAtSubmit,
     Pread,
     Uring,
 }
@@ -110,7 +115,7 @@ fn run_case(
     let moe_tokens = if kind == Kind::Experts { 2 } else { 0 };
     let (nodes, topk) = graph(&mut m, moe_tokens);
     let p = case_plan(&m, kind, tier);
-    let tmp = (io != Io::Fake).then(|| {
+    let tmp = (io != Io::Fake && io != Io::FakeAtSubmit).then(|| {
         let f = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(f.path(), &m.file).unwrap();
         f
@@ -120,6 +125,7 @@ fn run_case(
             Box::new(m.reader(Complete::WhenCollected { polls: 1 })),
             "fake.gguf".into(),
         ),
+        (Io::FakeAtSubmit, _) => (Box::new(m.reader(Complete::AtSubmit)), "fake.gguf".into()),
         (_, Some(f)) => {
             let opts = IoOptions {
                 backend: if io == Io::Pread {
@@ -166,6 +172,15 @@ fn run_case(
                 Kind::Experts => check_experts(m, range, &ids),
             };
         });
+        // Failed or not, every read in flight is one the engine will
+        // collect: none is left behind writing into memory given away.
+        let e = st.engine();
+        let held = e.dense.tickets_held() + e.experts.tickets_held();
+        assert_eq!(
+            e.reader.outstanding(),
+            held,
+            "{io:?} {kind:?} {tier:?} pass {pass}: reads in flight that nothing collects"
+        );
         ran && !st.failed()
     };
     let mut passes_ok = 0;
@@ -335,5 +350,65 @@ fn a_slow_read_is_waited_for_and_the_bytes_stay_exact() {
         assert!(o.error.is_none(), "{o:?}");
         assert_eq!((o.passes_ok, o.injected), (PASSES, 1), "{o:?}");
         assert!(o.elapsed >= d, "{o:?}");
+    }
+}
+
+#[test]
+fn a_refused_submission_mid_layer_collects_the_layer_and_the_next_pass_reads_it_afresh() {
+    // Submission 2 is the second read of the first layer the pass needs
+    // (the wait path); submission 5 the second of the next batch (dense: the
+    // layer read ahead at `l_out`; experts: the second run of misses of
+    // layer 0, or its second expert with the pinned cache). The reads before
+    // it are still in flight when it is refused (the fake completes only
+    // when collected).
+    for k in [2, 5] {
+        for io in IOS {
+            for kind in KINDS {
+                for tier in TIERS {
+                    let label = format!("submission {k}, {io:?} {kind:?} {tier:?}");
+                    let plan = FaultPlan::new().with(Trigger::Nth(k), Fault::Refuse);
+                    let o = bounded(io, kind, tier, plan, None);
+                    let e = o
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| panic!("{label}: no error: {o:?}"));
+                    assert!(e.contains("cannot submit"), "{label}: {e}");
+                    assert!(e.contains(&o.path), "{label}: the file is named: {e}");
+                    named_offset(&o, &e);
+                    assert_eq!((o.passes_ok, o.injected), (0, 1), "{label}: {o:?}");
+                    // Read afresh, byte-exact (checked at every range).
+                    assert_eq!(o.recovered, Some(Ok(())), "{label}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_eio_on_any_read_leaves_the_next_pass_byte_exact() {
+    // Wherever the failing read falls (layers read or copied ahead of it
+    // hold slots at that moment), the pass after the error reads afresh and
+    // computes on the file's bytes. Up to the third pass's reads.
+    for io in [Io::Fake, Io::FakeAtSubmit, Io::Pread, Io::Uring] {
+        for tier in TIERS {
+            for kind in KINDS {
+                let mut failed = 0;
+                for n in 1..=40 {
+                    let label = format!("{io:?} {kind:?} {tier:?} EIO on read {n}");
+                    let plan = FaultPlan::new().with(Trigger::Nth(n), Fault::Eio);
+                    let o = bounded(io, kind, tier, plan, None);
+                    if o.error.is_none() {
+                        continue; // fewer reads than n in all passes
+                    }
+                    failed += 1;
+                    assert_failed(&o, "EIO", &label);
+                    assert_eq!(o.recovered, Some(Ok(())), "{label}");
+                }
+                assert!(
+                    failed >= 6,
+                    "{io:?} {kind:?} {tier:?}: only {failed} cases failed"
+                );
+            }
+        }
     }
 }
