@@ -12,3 +12,8 @@ cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo test --release --workspace -- --test-threads=1
 cargo test --workspace --lib
+# The Vulkan tier on Mesa's lavapipe (a CPU Vulkan device): the zero-copy
+# direct path against resident runs on the same device. A second build of
+# llama.cpp with ggml-vulkan and its shaders (about 15-20 minutes on 2 cores).
+bash scripts/setup.sh --vulkan
+cargo test --release --features vulkan --test vulkan -- --test-threads=1

@@ -57,6 +57,12 @@ pub struct RunReport {
     pub upload_bytes_per_token: Option<f64>,
     /// Selections served by an expert already in its GPU slot, per token.
     pub gpu_expert_hits_per_token: Option<f64>,
+    /// Layers on other machines (`--rpc`), the output layer counted as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_layers: Option<u32>,
+    /// Where the layers are with `--rpc` (this machine, then each device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_split: Option<String>,
 }
 
 /// serde_json writes a non-finite `f64` as `null`; it reads back as NaN
@@ -109,6 +115,9 @@ impl RunReport {
             if let Some(u) = self.upload_bytes_per_token {
                 s += &format!(" | copied {}/token", format_bytes(u as u64));
             }
+        }
+        if let Some(r) = &self.rpc_split {
+            s += &format!("\nrpc: {r}");
         }
         if let (Some(b), Some(st)) = (self.read_bytes_per_token, self.stall_ms_per_token) {
             s += &format!(
@@ -164,6 +173,8 @@ impl RunReport {
             gpu_resident_bytes: None,
             gpu_pool_bytes: None,
             upload_bytes_per_token: None,
+            remote_layers: None,
+            rpc_split: None,
             gpu_expert_hits_per_token: None,
         }
     }

@@ -34,6 +34,7 @@ fn check(file: &str, load_mode: LoadMode, hide: bool) {
             buft_overrides: &overrides,
             progress: None,
             n_gpu_layers: 0,
+            ..LoadOptions::default()
         },
     )
     .unwrap();

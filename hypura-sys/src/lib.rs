@@ -52,3 +52,35 @@ extern "C" {
     /// pointer is set; CUDA/HIP leave it NULL and ggml calls it unchecked).
     pub fn hypura_dev_has_host_ptr_import(dev: ggml_backend_dev_t) -> c_int;
 }
+
+// ggml's RPC backend (`ggml-rpc.h`; ggml is built with GGML_RPC=ON, see
+// .cargo/config.toml). Not in llama-cpp-sys-2's bindings, which cover
+// llama.h and the ggml headers it includes.
+extern "C" {
+    /// Connects to a `rpc-server` at `endpoint` ("host:port") and returns a
+    /// registry of its devices (cached per endpoint), or NULL when it has
+    /// none. ggml aborts the process (its abort callback first) when the
+    /// server cannot be reached or the handshake fails.
+    pub fn ggml_backend_rpc_add_server(endpoint: *const c_char) -> ggml_backend_reg_t;
+    /// Serves `devices` over ggml RPC on `endpoint` until the process ends
+    /// (one client at a time); returns only when it cannot start.
+    pub fn ggml_backend_rpc_start_server(
+        endpoint: *const c_char,
+        cache_dir: *const c_char,
+        n_threads: usize,
+        n_devices: usize,
+        devices: *mut ggml_backend_dev_t,
+    );
+    /// Free and total memory of device `device` of the server at `endpoint`.
+    pub fn ggml_backend_rpc_get_device_memory(
+        endpoint: *const c_char,
+        device: u32,
+        free: *mut usize,
+        total: *mut usize,
+    );
+}
+
+/// The RPC protocol version this ggml speaks (`RPC_PROTO_*_VERSION`).
+pub const RPC_PROTO_VERSION: (u32, u32, u32) = (7, 0, 0);
+/// Most servers ggml's RPC backend takes (`GGML_RPC_MAX_SERVERS`).
+pub const RPC_MAX_SERVERS: usize = 16;

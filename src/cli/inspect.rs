@@ -47,6 +47,26 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     )?;
     report.n_ctx = Some(fitted.n_ctx);
     report.plan = Some(fitted.plan);
+    report.rpc = fitted.cluster.map(|c| RpcFacts {
+        devices: c
+            .remotes
+            .iter()
+            .flat_map(|r| {
+                r.devices.iter().map(|d| {
+                    let (free, total) = d.memory();
+                    RpcDevice {
+                        device: d.name(),
+                        endpoint: r.endpoint.clone(),
+                        free_bytes: free,
+                        total_bytes: total,
+                    }
+                })
+            })
+            .collect(),
+        round_trip_ms: c.rtt_s * 1e3,
+        summary: c.split.describe(),
+        split: c.split,
+    });
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = if args.json {
@@ -89,6 +109,27 @@ pub struct Report<'a> {
     /// The context size the plan leaves room for (tokens).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n_ctx: Option<u32>,
+    /// Layers on other machines (`--rpc`); the plan is for the local rest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc: Option<RpcFacts>,
+}
+
+/// The RPC servers' devices and the layer split.
+#[derive(Debug, Serialize)]
+pub struct RpcFacts {
+    pub devices: Vec<RpcDevice>,
+    /// The slowest median round trip to a server (milliseconds).
+    pub round_trip_ms: f64,
+    pub split: crate::scheduler::split::LayerSplit,
+    pub summary: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RpcDevice {
+    pub device: String,
+    pub endpoint: String,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
 }
 
 /// Container-level facts.
@@ -180,6 +221,7 @@ impl<'a> Report<'a> {
             tensors: with_tensors.then_some(file.tensors.as_slice()),
             plan: None,
             n_ctx: None,
+            rpc: None,
         }
     }
 }
@@ -262,6 +304,28 @@ pub fn render_text(r: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     render_summary(r, out)?;
     render_roles(r, out)?;
     render_layers(r, out)?;
+    if let Some(rpc) = &r.rpc {
+        writeln!(
+            out,
+            "\nRPC devices (round trip {:.2} ms)",
+            rpc.round_trip_ms
+        )?;
+        for d in &rpc.devices {
+            writeln!(
+                out,
+                "  {:<8} {:<22} {} free of {}",
+                d.device,
+                d.endpoint,
+                human_bytes(d.free_bytes),
+                human_bytes(d.total_bytes)
+            )?;
+        }
+        writeln!(
+            out,
+            "  layers: {} (the plan below is for the local layers)",
+            rpc.summary
+        )?;
+    }
     if let Some(plan) = &r.plan {
         render_plan(plan, r.n_ctx, out)?;
     }
@@ -387,10 +451,10 @@ fn render_plan(p: &Plan, n_ctx: Option<u32>, out: &mut dyn Write) -> std::io::Re
             "  gpu             {} (budget {}{})",
             g.device,
             human_bytes(g.budget),
-            if g.direct {
-                ", computes on host memory"
-            } else {
-                ""
+            match (g.direct, g.unified) {
+                (_, true) => ", one memory with the CPU (unified: its share comes out of the RAM budget; no host-to-device copies in the estimate)",
+                (true, false) => ", computes on host memory",
+                _ => "",
             }
         )?;
         writeln!(out, "  resident (GPU)  {}", human_bytes(g.resident_bytes))?;

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod gen;
 pub mod inspect;
 pub mod profile;
+pub mod rpc_server;
 pub mod run;
 pub mod serve;
 
@@ -36,6 +37,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over HTTP: Ollama- and OpenAI-compatible API.
     Serve(serve::ServeArgs),
+    /// Serve a ggml device of this machine to other machines' `--rpc`.
+    RpcServer(rpc_server::RpcServerArgs),
 }
 
 /// Logs go to stderr through tracing; the level comes from `HYPURA_LOG` (or `RUST_LOG`).
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Gen(a) => gen::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::RpcServer(a) => rpc_server::run(a),
     };
     // A run stopped by Ctrl-C / SIGTERM exits with 128 + the signal, after
     // its partial output and statistics.

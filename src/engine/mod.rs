@@ -14,6 +14,7 @@
 //! - [`stop`]: stop strings over streamed text.
 //! - [`interrupt`]: Ctrl-C / SIGTERM as a stop request the engine honours.
 //! - [`placement`]: this machine's facts (profile, free memory, GPU) for the plan.
+//! - [`rpc`]: ggml RPC: remote devices (`--rpc`) and `hypura rpc-server`.
 //! - [`stream`]: the streaming engine driven by the eval callback.
 //! - [`stream_buft`]: Hypura's custom ggml buffer type (streamed tensors).
 //! - [`logits`]: the `--logits-out` file format.
@@ -29,6 +30,7 @@ pub mod interrupt;
 pub mod logits;
 pub mod model;
 pub mod placement;
+pub mod rpc;
 pub mod sampling;
 pub mod session;
 pub mod stop;

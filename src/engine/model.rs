@@ -48,6 +48,11 @@ pub struct LoadOptions<'a> {
     /// layer): 0 is CPU only, negative is all. Needs a GPU backend (built in,
     /// or loaded with GGML_BACKEND_DL); without one everything stays on the CPU.
     pub n_gpu_layers: i32,
+    /// The devices llama.cpp splits the `n_gpu_layers` over, in order (empty:
+    /// its default, every GPU). RPC devices for `--rpc`.
+    pub devices: &'a [sys::ggml_backend_dev_t],
+    /// Each device's share of those layers (empty: by free memory).
+    pub tensor_split: &'a [f32],
 }
 
 impl Default for LoadOptions<'_> {
@@ -58,6 +63,8 @@ impl Default for LoadOptions<'_> {
             buft_overrides: &[],
             progress: None,
             n_gpu_layers: 0,
+            devices: &[],
+            tensor_split: &[],
         }
     }
 }
@@ -112,6 +119,24 @@ impl Model {
         params.load_mode = opts.load_mode.to_sys();
         params.use_extra_bufts = opts.repack;
         params.n_gpu_layers = opts.n_gpu_layers;
+        let mut devices: Vec<sys::ggml_backend_dev_t> = opts.devices.to_vec();
+        if !devices.is_empty() {
+            devices.push(std::ptr::null_mut());
+            params.devices = devices.as_mut_ptr();
+        }
+        // SAFETY: a constant query.
+        let max_devices = unsafe { sys::llama_max_devices() };
+        if opts.tensor_split.len() > max_devices {
+            bail!(
+                "{} devices: llama.cpp takes at most {max_devices}",
+                opts.tensor_split.len()
+            );
+        }
+        let mut split = vec![0f32; max_devices];
+        split[..opts.tensor_split.len()].copy_from_slice(opts.tensor_split);
+        if !opts.tensor_split.is_empty() {
+            params.tensor_split = split.as_ptr();
+        }
         if opts.buft_overrides.is_empty() {
             params.tensor_buft_overrides = std::ptr::null();
         } else {
@@ -127,8 +152,10 @@ impl Model {
             &mut progress_ref as *mut &mut dyn FnMut(f32) as *mut c_void;
 
         backend::take_last_error();
-        // SAFETY: `cpath`, `overrides` (and the patterns it points to) and the
-        // progress closure outlive the call; params is fully initialised.
+        // SAFETY: `cpath`, `overrides` (and the patterns it points to),
+        // `devices` (NULL-terminated), `split` (llama_max_devices() floats)
+        // and the progress closure outlive the call (llama.cpp copies the
+        // split); params is fully initialised.
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let _ = &mut progress_ref; // the closure must live until here
         let ptr = NonNull::new(raw).ok_or_else(|| {

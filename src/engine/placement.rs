@@ -10,6 +10,9 @@ use super::device::{Device, Upload};
 use crate::gguf::GgufFile;
 use crate::scheduler::budget::{non_weight_bytes, ram_budget_for, CTX_FLOOR};
 use crate::scheduler::plan::RamTooSmall;
+use crate::scheduler::split::{
+    local_view, remote_secs_per_token, split_layers, LayerSplit, RemoteInput,
+};
 use crate::scheduler::{
     format_bytes, gpu_headroom, parse_size_arg, GpuInput, Mode, Plan, PlanInput,
 };
@@ -47,6 +50,76 @@ pub struct PlacementArgs {
     /// Streamed layers read ahead of the one computing (default: adaptive).
     #[arg(long)]
     pub lookahead: Option<usize>,
+    /// ggml RPC servers (`hypura rpc-server`) whose devices hold whole
+    /// layers: HOST:PORT[,HOST:PORT...]. Used even when the model fits here;
+    /// this machine keeps the first layers and streams what its RAM lacks.
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub rpc: Option<String>,
+    /// Layer shares with --rpc, this machine first, then each remote device
+    /// in order (e.g. 2,1,1); default: in proportion to the local RAM
+    /// budget and each device's free memory.
+    #[arg(long, value_name = "L,R1,...", requires = "rpc")]
+    pub tensor_split: Option<String>,
+}
+
+/// Remote devices (ggml RPC) and the layers they hold.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub remotes: Vec<super::rpc::Remote>,
+    pub split: LayerSplit,
+    /// The slowest median round trip to a remote device (seconds).
+    pub rtt_s: f64,
+}
+
+impl Cluster {
+    /// The remote devices in split order.
+    pub fn devices(&self) -> Vec<Device> {
+        self.remotes
+            .iter()
+            .flat_map(|r| r.devices.iter().copied())
+            .collect()
+    }
+}
+
+fn parse_split(s: &str) -> Result<Vec<f64>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .map_err(|_| anyhow::anyhow!("--tensor-split {s}: '{}' is not a number", x.trim()))
+        })
+        .collect()
+}
+
+/// Connects to `--rpc`'s servers and splits the layers between this
+/// machine (`local_capacity` bytes of weights) and their devices.
+fn cluster(gguf: &GgufFile, args: &PlacementArgs, local_capacity: u64) -> Result<Option<Cluster>> {
+    let Some(list) = &args.rpc else {
+        return Ok(None);
+    };
+    let endpoints = super::rpc::connect(&super::rpc::parse_endpoints(list)?)?;
+    let weights = args.tensor_split.as_deref().map(parse_split).transpose()?;
+    let inputs: Vec<RemoteInput> = endpoints
+        .iter()
+        .flat_map(|r| {
+            r.devices.iter().map(|d| RemoteInput {
+                device: d.name(),
+                endpoint: r.endpoint.clone(),
+                free: d.memory().0,
+            })
+        })
+        .collect();
+    let split = split_layers(gguf, local_capacity, &inputs, weights.as_deref())?;
+    let rtt_s = endpoints
+        .iter()
+        .flat_map(|r| r.devices.first())
+        .map(super::rpc::round_trip)
+        .fold(0.0, f64::max);
+    Ok(Some(Cluster {
+        remotes: endpoints,
+        split,
+        rtt_s,
+    }))
 }
 
 /// The context a plan is made for.
@@ -70,6 +143,8 @@ pub struct Fitted {
     /// path (no repacking), its pages read on demand and evicted by the
     /// kernel — slow, but it runs (see [`plan_for_machine`]).
     pub mmap_fallback: bool,
+    /// Layers on other machines (`--rpc`); the plan covers the local rest.
+    pub cluster: Option<Cluster>,
 }
 
 /// The smallest default budget with which the mmap fallback is tried: below
@@ -171,6 +246,38 @@ pub fn gpu_for_machine(
 /// with a note); only when not even that leaves [`MMAP_FALLBACK_MIN`] for
 /// the page cache is the plan refused, with the numbers.
 pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) -> Result<Fitted> {
+    let whole = gguf;
+    let capacity = ram_budget(whole, args.ram_budget, ctx.n_ctx, ctx.n_batch);
+    let cluster = cluster(whole, args, capacity)?;
+    let local_gguf;
+    let gguf = match &cluster {
+        None => whole,
+        Some(c) => {
+            if args.gpu_budget != Some(0) && Device::find(args.gpu_device.as_deref())?.is_some() {
+                anyhow::bail!("--rpc with a local GPU is not supported yet: pass --gpu-budget 0 (this machine then streams on the CPU)");
+            }
+            local_gguf = local_view(whole, &c.split);
+            &local_gguf
+        }
+    };
+    let mut fitted = fit(gguf, args, ctx)?;
+    if let Some(c) = &cluster {
+        let mem = crate::profiler::load_cached()
+            .map(|p| p.memory.read_gbps)
+            .filter(|g| *g > 0.0)
+            .unwrap_or(10.0);
+        let act = whole.arch_params().n_embd.unwrap_or(0) as u64 * 4;
+        let extra = remote_secs_per_token(&c.split, mem, c.rtt_s, None, act);
+        fitted.plan.predicted_tps = fitted
+            .plan
+            .predicted_tps
+            .map(|t| 1.0 / (1.0 / t.max(1e-9) + extra));
+    }
+    fitted.cluster = cluster;
+    Ok(fitted)
+}
+
+fn fit(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) -> Result<Fitted> {
     let mut n_ctx = ctx.n_ctx;
     loop {
         let ram_budget = ram_budget(gguf, args.ram_budget, n_ctx, ctx.n_batch);
@@ -186,6 +293,7 @@ pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) 
                     plan,
                     n_ctx,
                     mmap_fallback: false,
+                    cluster: None,
                 });
             }
             Err(e) => {
@@ -218,6 +326,7 @@ pub fn plan_for_machine(gguf: &GgufFile, args: &PlacementArgs, ctx: CtxRequest) 
                         plan,
                         n_ctx,
                         mmap_fallback: true,
+                        cluster: None,
                     });
                 }
                 let usable = crate::profiler::memory::usable_now();

@@ -130,6 +130,8 @@ pub struct Session {
     gpu_layers: i32,
     load_secs: f64,
     load_read_bytes: Option<u64>,
+    /// Layers on other machines (`--rpc`).
+    rpc_split: Option<crate::scheduler::split::LayerSplit>,
 }
 
 impl Session {
@@ -161,7 +163,7 @@ impl Session {
                 explicit: opts.n_ctx.is_some(),
             },
         )?;
-        let (plan, n_ctx) = (fitted.plan, fitted.n_ctx);
+        let (plan, n_ctx, cluster) = (fitted.plan, fitted.n_ctx, fitted.cluster);
         // The mmap fallback: pages of the file, not allocated copies.
         let fallback_opts;
         let opts = if fitted.mmap_fallback {
@@ -191,16 +193,27 @@ impl Session {
             }
             None => None,
         };
-        let gpu_layers = match (&plan.gpu, opts.gpu_layers) {
-            (_, Some(n)) => n,
-            (Some(_), None) => -1,
-            (None, None) => 0,
+        if opts.gpu_layers.is_some() && cluster.is_some() {
+            bail!("--gpu-layers and --rpc: the split over the RPC devices is the plan's (--tensor-split to choose it)");
+        }
+        let gpu_layers = match (&plan.gpu, opts.gpu_layers, &cluster) {
+            (_, _, Some(c)) => c.split.n_remote() as i32,
+            (_, Some(n), None) => n,
+            (Some(_), None, None) => -1,
+            (None, None, None) => 0,
         };
 
         let t_load = Instant::now();
         let io_before = storage_read_bytes();
         let buft = StreamBufferType::new_host()?;
-        let model = Rc::new(load_model(path, opts, &plan, &buft, gpu_layers, progress)?);
+        let model = Rc::new(load_model(
+            path,
+            opts,
+            &plan,
+            &buft,
+            (gpu_layers, cluster.as_ref()),
+            progress,
+        )?);
         let streaming = plan.mode != Mode::Resident && !plan.streamed.is_empty();
         let mut streamer = match streaming {
             false => None,
@@ -248,7 +261,8 @@ impl Session {
             copts.cpu_poll = Some(0);
             // Weights in host memory must not be copied to the GPU behind the
             // streaming engine's back (see ContextOptions::op_offload).
-            copts.op_offload = !streaming;
+            // Nor sent to another machine for every prompt batch (--rpc).
+            copts.op_offload = !streaming && cluster.is_none();
         }
         if let Some(st) = streamer.as_mut() {
             // SAFETY: the streamer is a field of the session declared after
@@ -277,6 +291,7 @@ impl Session {
             gpu_layers,
             load_secs,
             load_read_bytes,
+            rpc_split: cluster.as_ref().map(|c| c.split.clone()),
         })
     }
 
@@ -579,6 +594,8 @@ impl Session {
             gpu_expert_hits_per_token: streaming
                 .filter(|_| plan.mode == Mode::GpuExperts)
                 .map(|m| m.gpu_hits as f64 / per_tok),
+            remote_layers: self.rpc_split.as_ref().map(|s| s.n_remote()),
+            rpc_split: self.rpc_split.as_ref().map(|s| s.describe()),
         }
     }
 }
@@ -659,9 +676,13 @@ fn load_model(
     opts: &SessionOptions,
     plan: &Plan,
     buft: &StreamBufferType,
-    n_gpu_layers: i32,
+    (n_gpu_layers, cluster): (i32, Option<&super::placement::Cluster>),
     progress: Option<&mut dyn FnMut(f32)>,
 ) -> Result<Model> {
+    let devices: Vec<hypura_sys::ggml_backend_dev_t> = cluster
+        .map(|c| c.devices().iter().map(Device::raw).collect())
+        .unwrap_or_default();
+    let tensor_split = cluster.map(|c| c.split.tensor_split()).unwrap_or_default();
     let mut overrides: Vec<(String, hypura_sys::ggml_backend_buffer_type_t)> =
         override_patterns(plan)
             .into_iter()
@@ -696,6 +717,8 @@ fn load_model(
             buft_overrides: &overrides,
             progress,
             n_gpu_layers,
+            devices: &devices,
+            tensor_split: &tensor_split,
         },
     )
 }

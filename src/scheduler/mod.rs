@@ -36,6 +36,7 @@ pub mod budget;
 pub mod depth;
 pub mod plan;
 pub mod size;
+pub mod split;
 
 use crate::gguf::GgufFile;
 
