@@ -54,6 +54,9 @@ pub struct BenchOptions {
     /// `--gpu-budget` and `--gpu-device` of the streaming runs.
     pub gpu_budget: Option<u64>,
     pub gpu_device: Option<String>,
+    /// `--rpc` and `--tensor-split` of every run (the baselines included:
+    /// llama.cpp's own path over the same servers).
+    pub rpc: Option<(String, Option<String>)>,
     pub no_repack: bool,
     pub io_backend: Option<String>,
     /// Per-run time limit.
@@ -188,6 +191,14 @@ pub fn configs(opts: &BenchOptions) -> Vec<BenchConfig> {
     if opts.baseline {
         c.push(BenchConfig::baseline("auto"));
         c.push(BenchConfig::baseline("dio"));
+    }
+    if let Some((rpc, split)) = &opts.rpc {
+        for b in &mut c {
+            b.args.extend(["--rpc".to_string(), rpc.clone()]);
+            if let Some(s) = split {
+                b.args.extend(["--tensor-split".to_string(), s.clone()]);
+            }
+        }
     }
     c
 }

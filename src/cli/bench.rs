@@ -64,6 +64,12 @@ pub struct BenchArgs {
     /// GPU device of the streaming runs, by ggml name (default: the first GPU).
     #[arg(long, value_name = "NAME")]
     pub gpu_device: Option<String>,
+    /// ggml RPC servers for every run (HOST:PORT,...; see `run --rpc`).
+    #[arg(long, value_name = "HOST:PORT,...")]
+    pub rpc: Option<String>,
+    /// Layer shares with --rpc (this machine first).
+    #[arg(long, value_name = "L,R1,...", requires = "rpc")]
+    pub tensor_split: Option<String>,
     /// Turn off ggml's CPU weight repacking in every run.
     #[arg(long)]
     pub no_repack: bool,
@@ -168,6 +174,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         modes: args.modes.clone(),
         gpu_budget: args.gpu_budget,
         gpu_device: args.gpu_device.clone(),
+        rpc: args.rpc.clone().map(|r| (r, args.tensor_split.clone())),
         no_repack: args.no_repack,
         io_backend: args.io_backend.clone(),
         timeout: args.timeout.map(Duration::from_secs),

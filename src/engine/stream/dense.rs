@@ -402,16 +402,9 @@ impl DenseSlots {
             match unsafe { io.submit(req) } {
                 Ok(ticket) => l.tickets.push(ticket),
                 Err(e) => {
-                    // The layer's reads submitted before this one are
-                    // collected before its slot goes back: none may land
-                    // in memory another layer gets, and none stays in the
-                    // reader for good. The layer is idle again, read
-                    // afresh when next needed.
-                    for &tk in &l.tickets {
-                        let _ = io.wait(tk);
-                    }
-                    l.tickets.clear();
-                    self.abandon(layer);
+                    // The reads submitted before this one are collected
+                    // before the slot goes back (see `collect_and_abandon`).
+                    self.collect_and_abandon(layer, io);
                     return Err(
                         anyhow::Error::new(e).context(format!("layer {layer}: cannot submit read"))
                     );
@@ -449,16 +442,7 @@ impl DenseSlots {
                 LayerState::Loading => {
                     let t0 = Instant::now();
                     let l = self.layers[layer].as_mut().context("dense layer")?;
-                    // Every read is collected, failed or not: none may still be
-                    // writing into the slot when it goes back to the pool.
-                    let mut failed = None;
-                    for &tk in &l.tickets {
-                        if let Err(e) = io.wait(tk) {
-                            failed.get_or_insert(e);
-                        }
-                    }
-                    l.tickets.clear();
-                    if let Some(e) = failed {
+                    if let Some(e) = collect(&mut l.tickets, io) {
                         self.abandon(layer);
                         return Err(
                             anyhow::Error::new(e).context(format!("layer {layer}: read failed"))
@@ -615,11 +599,7 @@ impl DenseSlots {
                     Ok(None) => j += 1,
                     Err(e) => {
                         l.tickets.swap_remove(j);
-                        for &tk in &l.tickets {
-                            let _ = io.wait(tk);
-                        }
-                        l.tickets.clear();
-                        self.abandon(layer);
+                        self.collect_and_abandon(layer, io);
                         return Err(
                             anyhow::Error::new(e).context(format!("layer {layer}: read failed"))
                         );
@@ -634,6 +614,16 @@ impl DenseSlots {
             }
         }
         Ok(())
+    }
+
+    /// A read of `layer` failed: its other reads are collected (none may
+    /// land in memory another layer gets, none stays in the reader for
+    /// good), then it is abandoned.
+    fn collect_and_abandon(&mut self, layer: usize, io: &mut dyn ReadBackend) {
+        if let Some(l) = self.layers[layer].as_mut() {
+            let _ = collect(&mut l.tickets, io);
+        }
+        self.abandon(layer);
     }
 
     /// A read of `layer` failed and all of them have been collected: the
@@ -675,10 +665,7 @@ impl DenseSlots {
         }
         let mut dev_free = Vec::new();
         for l in self.layers.iter_mut().flatten() {
-            for &tk in &l.tickets {
-                let _ = io.wait(tk);
-            }
-            l.tickets.clear();
+            let _ = collect(&mut l.tickets, io);
             // A RAM-tier copy stays valid only if its reads all succeeded:
             // `ram_valid` is set when the copy is dispatched, after them.
             l.state = LayerState::Idle;
@@ -766,3 +753,17 @@ impl DenseSlots {
 
 #[cfg(test)]
 mod tests;
+
+/// Waits for every ticket, failed or not (none may still be writing into a
+/// slot when it goes back to the pool), and empties the list; the first
+/// error, if any.
+fn collect(tickets: &mut Vec<Ticket>, io: &mut dyn ReadBackend) -> Option<crate::io::IoError> {
+    let mut failed = None;
+    for &tk in tickets.iter() {
+        if let Err(e) = io.wait(tk) {
+            failed.get_or_insert(e);
+        }
+    }
+    tickets.clear();
+    failed
+}
