@@ -126,7 +126,7 @@ pub fn choose(
 mod tests {
     use super::*;
     use crate::gguf::{GgmlType, GgufFile, TensorInfo, TensorRole};
-    use crate::scheduler::{Mode, Plan, PlanInput};
+    use crate::scheduler::{GpuInput, Mode, Plan, PlanInput};
 
     const MIB: u64 = 1 << 20;
     /// The 8 GiB dense model's shape: 32 layers of 56 MiB attention and
@@ -327,5 +327,64 @@ mod tests {
         assert_eq!(choose(None, 1, layers(10)), 1);
         assert!(Timing::from_profile(None, Some(19.0), 1, 1, 1, 1).is_none());
         assert!(Timing::from_profile(Some(2.0), Some(0.0), 1, 1, 1, 1).is_none());
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    fn gpu_plan(unified: bool, direct: bool) -> Plan {
+        let g = dense_8g();
+        Plan::new(&PlanInput {
+            gguf: &g,
+            ram_budget: 6 * GIB,
+            mode: Some(Mode::GpuDense),
+            lookahead: None,
+            // A fast disk next to slow memory: the memory term must show.
+            disk_gbps: Some(40.0),
+            mem_gbps: Some(20.0),
+            gpu: Some(GpuInput {
+                device: "Vulkan0".into(),
+                budget: 4 * GIB,
+                h2d_gbps: (!direct).then_some(25.0),
+                direct,
+                direct_slots: direct,
+                unified,
+            }),
+        })
+        .unwrap()
+    }
+
+    /// An iGPU computes on the one memory: its token costs at least every
+    /// weight read once at memory bandwidth, and no copy term appears.
+    #[test]
+    fn a_unified_gpu_is_bounded_by_memory_bandwidth_not_a_copy() {
+        let p = gpu_plan(true, true);
+        let g = p.gpu.as_ref().unwrap();
+        assert!(g.unified && g.direct);
+        let model: u64 = dense_8g().tensors.iter().map(|t| t.size).sum();
+        let mem_bound = 20e9 / model as f64;
+        let disk_bound = 40e9 / p.bytes_per_token.max(1) as f64;
+        assert!(mem_bound < disk_bound, "the case must be memory-bound");
+        let tps = p.predicted_tps.unwrap();
+        assert!(tps <= mem_bound * 1.0001, "{tps} > {mem_bound}");
+        assert!(tps <= disk_bound * 1.0001, "{tps} > {disk_bound}");
+        assert!(
+            (tps - mem_bound.min(disk_bound)).abs() / tps < 1e-6,
+            "lookahead overlaps read and compute: {tps} vs min({mem_bound}, {disk_bound})"
+        );
+    }
+
+    /// A discrete GPU's compute is taken as free: the link bounds it.
+    #[test]
+    fn a_discrete_gpu_is_bounded_by_the_disk_and_the_copy() {
+        let p = gpu_plan(false, false);
+        let g = p.gpu.as_ref().unwrap();
+        assert!(!g.unified && !g.direct);
+        let tps = p.predicted_tps.unwrap();
+        let read = p.bytes_per_token as f64 / 40e9;
+        let up = p.streamed_bytes as f64 / 25e9;
+        assert!(
+            (tps - 1.0 / read.max(up)).abs() / tps < 1e-6,
+            "{tps} vs 1/max({read}, {up})"
+        );
     }
 }

@@ -12,8 +12,10 @@ impl Plan {
     ///   costs max(read, compute), compute = the bytes the CPU computes on ÷
     ///   memory bandwidth (with a GPU only the FFN layers; the GPU's part is
     ///   taken as free next to them).
-    /// - GPU dense: max(disk, upload) time of the streamed bytes; the GPU's
-    ///   compute is taken as free.
+    /// - GPU dense: max(disk, upload) time of the streamed bytes; a discrete
+    ///   GPU's compute is taken as free; one that computes on host memory
+    ///   (unified/direct: no upload term) reads every weight from it, so
+    ///   its compute is model bytes ÷ memory bandwidth.
     /// - Experts cannot be read before the router picks them: read and
     ///   compute add up. The RAM cache holds a fraction `c` of the experts,
     ///   taken as the fraction of selections it serves (uniform routing,
@@ -57,11 +59,20 @@ impl Plan {
             Mode::GpuDense => {
                 // Every streamed layer is copied; only those not in RAM are read.
                 let up = h2d.map_or(0.0, |h| self.streamed_bytes as f64 / h);
+                // A device that computes on host memory (an APU's iGPU, the
+                // CPU device) reads every weight from that memory each token:
+                // memory bandwidth, not a copy, bounds its compute. A discrete
+                // GPU's own memory is taken as free next to the link.
+                let compute = if h2d.is_none() {
+                    cpu(model_bytes as f64)
+                } else {
+                    0.0
+                };
                 let read = per_tok / disk;
                 if self.lookahead > 0 {
-                    read.max(up)
+                    read.max(up).max(compute)
                 } else {
-                    read + up
+                    read + up + compute
                 }
             }
             Mode::Experts | Mode::GpuExperts => {
