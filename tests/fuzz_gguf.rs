@@ -47,7 +47,8 @@ struct Counting;
 thread_local! {
     static LIVE: Cell<isize> = const { Cell::new(0) };
     static PEAK: Cell<isize> = const { Cell::new(0) };
-    /// This thread runs fuzz cases (their panics are caught and reported).
+    /// This thread runs the code under test for a fuzz case (its panics are
+    /// caught and reported as failures).
     static IN_FUZZ: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -371,6 +372,11 @@ fn get(buf: &[u8], f: Field) -> u64 {
 /// Applies one mutation; returns what it did.
 fn mutate_once(seed: &Seed, buf: &mut Vec<u8>, rng: &mut Rng) -> String {
     let len = buf.len();
+    // An earlier mutation of the case may have truncated the file: every
+    // arm below stays within what is left.
+    if len < 2 {
+        return format!("nothing left to mutate ({len} bytes)");
+    }
     match below(rng, 100) {
         // Bit flips anywhere.
         0..=19 => {
@@ -402,7 +408,7 @@ fn mutate_once(seed: &Seed, buf: &mut Vec<u8>, rng: &mut Rng) -> String {
             let k = [Kind::HeaderCount, Kind::StrLen, Kind::ArrayLen][below(rng, 3)];
             let i = KINDS.iter().position(|x| *x == k).unwrap();
             let f = seed.fields[i][below(rng, seed.fields[i].len())];
-            let left = (len - f.at) as u64;
+            let left = len.saturating_sub(f.at) as u64;
             let v = [left, left / 8, left + 1, left * 3, 1 << 40][below(rng, 5)];
             put(buf, f, v);
             format!("huge {:?} at {} = {v}", f.kind, f.at)
@@ -439,9 +445,9 @@ fn mutate_once(seed: &Seed, buf: &mut Vec<u8>, rng: &mut Rng) -> String {
         }
         // A byte range copied elsewhere.
         _ => {
-            let n = 1 + below(rng, 64);
-            let from = below(rng, len.saturating_sub(n));
-            let to = below(rng, len.saturating_sub(n));
+            let n = 1 + below(rng, 64.min(len - 1));
+            let from = below(rng, len - n);
+            let to = below(rng, len - n);
             let src = buf[from..from + n].to_vec();
             buf[to..to + n].copy_from_slice(&src);
             format!("splice {n} bytes {from} -> {to}")
@@ -501,7 +507,10 @@ fn run_case(seed: &Seed, case: u64, base: u64, path: &Path) -> Result<bool, Stri
     let what = format!("{} case {case}: {}", seed.name, what.join("; "));
     let input = buf.len();
     let (r, peak) = measured(|| {
-        std::panic::catch_unwind(AssertUnwindSafe(|| {
+        // Only the code under test runs with its panic message silenced: a
+        // panic of the harness itself (the mutation) is printed as usual.
+        IN_FUZZ.with(|f| f.set(true));
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             match GgufFile::parse_prefix(path, &buf, seed.file_size) {
                 Ok(g) => {
                     inspect_level(&g, &mut rng);
@@ -509,7 +518,9 @@ fn run_case(seed: &Seed, case: u64, base: u64, path: &Path) -> Result<bool, Stri
                 }
                 Err(e) => Err(e.to_string()),
             }
-        }))
+        }));
+        IN_FUZZ.with(|f| f.set(false));
+        r
     });
     if input >= 1 << 20 {
         PEAK_PER_MILLE.fetch_max(peak * 1000 / input, Ordering::Relaxed);
@@ -575,7 +586,6 @@ fn mutated_gguf_headers_never_panic_or_blow_up() {
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| loop {
-                IN_FUZZ.with(|f| f.set(true));
                 let case = next.fetch_add(1, Ordering::Relaxed);
                 if case >= first + cases {
                     break;
