@@ -106,6 +106,70 @@ fn a_server_that_is_down_is_one_line_naming_it() {
     }
 }
 
+/// A fake server on an ephemeral port: reads the client's handshake and
+/// answers it with `answer` (nothing: closes at once), once per connection.
+fn fake_server(answer: Vec<u8>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ep = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            if answer.is_empty() {
+                continue;
+            }
+            let mut hello = [0u8; 9 + 24];
+            if c.read_exact(&mut hello).is_ok() {
+                let _ = std::io::Write::write_all(&mut c, &answer);
+            }
+        }
+    });
+    ep
+}
+
+/// A ggml RPC handshake answer of protocol `major.minor.patch`.
+fn hello(major: u8, minor: u8, patch: u8) -> Vec<u8> {
+    let mut v = 28u64.to_le_bytes().to_vec();
+    v.extend_from_slice(&[major, minor, patch, 0]);
+    v.extend_from_slice(&[0; 24]);
+    v
+}
+
+#[test]
+fn a_server_of_another_protocol_version_is_one_line_naming_both() {
+    let Some(m) = model(SMOLLM2) else { return };
+    let cases = [
+        (hello(6, 3, 1), vec!["6.3.1", "7.0.0", "protocol"]),
+        (hello(7, 9, 0), vec!["7.9.0", "7.0.0"]),
+        (Vec::new(), vec!["closed the connection", "7.0.0"]),
+        (b"HTTP/1.1 400".to_vec(), vec!["protocol version", "7.0.0"]),
+    ];
+    for (answer, want) in cases {
+        let ep = fake_server(answer);
+        let t = Instant::now();
+        let o = hypura()
+            .args(["run", m.to_str().unwrap(), "--prompt", "hi"])
+            .args(["--max-tokens", "2", "--rpc", &ep])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line: {err}");
+        assert!(
+            lines[0].starts_with("error: RPC server ") && lines[0].contains(&ep),
+            "{err}"
+        );
+        for w in want {
+            assert!(lines[0].contains(w), "{w:?} missing: {err}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(9),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
 #[test]
 fn smollm2_split_over_two_servers_matches_the_local_run() {
     let Some(m) = model(SMOLLM2) else { return };

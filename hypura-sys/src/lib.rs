@@ -84,3 +84,10 @@ extern "C" {
 pub const RPC_PROTO_VERSION: (u32, u32, u32) = (7, 0, 0);
 /// Most servers ggml's RPC backend takes (`GGML_RPC_MAX_SERVERS`).
 pub const RPC_MAX_SERVERS: usize = 16;
+/// The handshake command's byte (`RPC_CMD_HELLO`: "must be always 14" in
+/// ggml-rpc.cpp, so every protocol version starts with it).
+pub const RPC_CMD_HELLO: u8 = 14;
+/// The connection-capability bytes of the handshake messages
+/// (`RPC_CONN_CAPS_SIZE` in ggml-rpc's transport.h): the request is these
+/// bytes, the response major, minor, patch, one padding byte and these.
+pub const RPC_CONN_CAPS_SIZE: usize = 24;

@@ -2,7 +2,8 @@
 //! `--rpc HOST:PORT,...` here), and serving this machine's device to others.
 //!
 //! The protocol is ggml's own (version [`sys::RPC_PROTO_VERSION`]); a server
-//! built from another ggml is refused by its handshake. It has no
+//! of another protocol version is refused at the handshake, which Hypura
+//! performs itself first so the error names both versions. It has no
 //! authentication: servers bind loopback unless told otherwise.
 //!
 //! ggml's RPC client aborts the process when a server cannot be reached, its
@@ -24,6 +25,8 @@ use super::device::Device;
 
 /// How long a server has to accept a TCP connection at start-up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a server has to answer the protocol handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connected RPC server and its devices.
 #[derive(Clone, Debug)]
@@ -65,7 +68,8 @@ pub fn parse_endpoints(list: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Whether `endpoint` accepts a TCP connection now (a one-line reason if not).
+/// Whether `endpoint` accepts a TCP connection now and speaks this ggml's
+/// protocol version (a one-line reason if not).
 fn reachable(endpoint: &str) -> Result<()> {
     let addrs: Vec<_> = endpoint
         .to_socket_addrs()
@@ -74,7 +78,7 @@ fn reachable(endpoint: &str) -> Result<()> {
     let mut last = None;
     for a in &addrs {
         match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
-            Ok(_) => return Ok(()),
+            Ok(s) => return handshake(s, endpoint),
             Err(e) => last = Some(e),
         }
     }
@@ -84,6 +88,57 @@ fn reachable(endpoint: &str) -> Result<()> {
         ),
         None => bail!("RPC server {endpoint}: the host has no address"),
     }
+}
+
+/// ggml's own handshake (HELLO), done here first so that a server of another
+/// protocol version is a one-line error naming both versions; ggml's client
+/// would only abort with "handshake failed". The connection is closed after
+/// it: a server serves one client at a time and goes back to accepting.
+fn handshake(mut s: TcpStream, endpoint: &str) -> Result<()> {
+    use std::io::{ErrorKind, Read, Write};
+    let (ma, mi, pa) = sys::RPC_PROTO_VERSION;
+    let ours = format!("{ma}.{mi}.{pa}");
+    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut req = Vec::with_capacity(9 + sys::RPC_CONN_CAPS_SIZE);
+    req.push(sys::RPC_CMD_HELLO);
+    req.extend_from_slice(&(sys::RPC_CONN_CAPS_SIZE as u64).to_le_bytes());
+    // No transport capabilities: the plain TCP transport (ggml's client
+    // negotiates its own on its connection).
+    req.resize(9 + sys::RPC_CONN_CAPS_SIZE, 0);
+    let answer = s.write_all(&req).and_then(|()| {
+        let mut size = [0u8; 8];
+        s.read_exact(&mut size)?;
+        Ok(u64::from_le_bytes(size))
+    });
+    let size = match answer {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => bail!(
+            "RPC server {endpoint} did not answer the handshake within {} s (a server serves one client at a time: is another one connected?)",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ),
+        Err(_) => bail!(
+            "RPC server {endpoint} closed the connection at the handshake: it is not a ggml RPC server or speaks another protocol version than this build's {ours} (run one built from the same ggml)"
+        ),
+    };
+    let want = 4 + sys::RPC_CONN_CAPS_SIZE as u64;
+    if size != want {
+        bail!(
+            "RPC server {endpoint} answered the handshake with {size} bytes instead of {want}: it speaks another ggml RPC protocol version than this build's {ours} (run one built from the same ggml)"
+        );
+    }
+    let mut rsp = [0u8; 4 + sys::RPC_CONN_CAPS_SIZE];
+    if s.read_exact(&mut rsp).is_err() {
+        bail!("RPC server {endpoint} broke off the handshake");
+    }
+    let (major, minor, patch) = (u32::from(rsp[0]), u32::from(rsp[1]), u32::from(rsp[2]));
+    // ggml's rule: the same major version, a minor no newer than ours.
+    if major != ma || minor > mi {
+        bail!(
+            "RPC server {endpoint} speaks ggml RPC protocol {major}.{minor}.{patch}, this build {ours}: run a server built from the same ggml (`hypura rpc-server` of this version)"
+        );
+    }
+    Ok(())
 }
 
 /// Connects to every server (once per process; later calls reuse the
