@@ -70,30 +70,27 @@ fn same_logits(want: &Path, got: &Path, what: &str) {
     assert!(a == b, "{what}: logits differ from the local run");
 }
 
-#[test]
-fn a_server_that_is_down_is_one_line_naming_it() {
-    let Some(m) = model(SMOLLM2) else { return };
-    let ep = format!("127.0.0.1:{}", free_port());
+/// `run` with `--rpc ep`: exit code 1 and one stderr line naming `ep`.
+fn run_fails_in_one_line(m: &Path, ep: &str) -> String {
     let o = hypura()
-        .args([
-            "run",
-            m.to_str().unwrap(),
-            "--prompt",
-            "hi",
-            "--max-tokens",
-            "2",
-        ])
-        .args(["--rpc", &ep])
+        .args(["run", m.to_str().unwrap(), "--prompt", "hi"])
+        .args(["--max-tokens", "2", "--rpc", ep])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one line: {err}");
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(&ep),
-        "{err}"
-    );
+    assert!(lines[0].contains(ep), "{err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn a_server_that_is_down_is_one_line_naming_it() {
+    let Some(m) = model(SMOLLM2) else { return };
+    let ep = format!("127.0.0.1:{}", free_port());
+    let line = run_fails_in_one_line(&m, &ep);
+    assert!(line.starts_with("error: "), "{line}");
     // Bad lists are refused before any connection.
     for bad in ["nohost", "h:0", "127.0.0.1:1,127.0.0.1:1"] {
         let o = hypura()
@@ -146,21 +143,10 @@ fn a_server_of_another_protocol_version_is_one_line_naming_both() {
     for (answer, want) in cases {
         let ep = fake_server(answer);
         let t = Instant::now();
-        let o = hypura()
-            .args(["run", m.to_str().unwrap(), "--prompt", "hi"])
-            .args(["--max-tokens", "2", "--rpc", &ep])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "one line: {err}");
-        assert!(
-            lines[0].starts_with("error: RPC server ") && lines[0].contains(&ep),
-            "{err}"
-        );
+        let line = run_fails_in_one_line(&m, &ep);
+        assert!(line.starts_with("error: RPC server "), "{line}");
         for w in want {
-            assert!(lines[0].contains(w), "{w:?} missing: {err}");
+            assert!(line.contains(w), "{w:?} missing: {line}");
         }
         assert!(
             t.elapsed() < Duration::from_secs(9),
