@@ -29,6 +29,9 @@ pub struct RunReport {
     pub resident_bytes: u64,
     pub streamed_bytes: u64,
     pub pool_bytes: u64,
+    /// Token embeddings read by rows from disk instead of resident: their bytes.
+    #[serde(default)]
+    pub embd_rows_bytes: Option<u64>,
     pub lookahead: usize,
     pub pinned_layers: usize,
     pub streamed_layers: usize,
@@ -156,6 +159,7 @@ impl RunReport {
             resident_bytes: 0,
             streamed_bytes: 0,
             pool_bytes: 0,
+            embd_rows_bytes: None,
             lookahead: 0,
             pinned_layers: 0,
             streamed_layers: 0,

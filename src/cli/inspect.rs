@@ -498,6 +498,14 @@ fn render_plan(p: &Plan, n_ctx: Option<u32>, out: &mut dyn Write) -> std::io::Re
             p.pinned_layers.len(),
             p.streamed_layers.len()
         )?;
+        if let Some(r) = &p.embd_rows {
+            writeln!(
+                out,
+                "  embeddings      {} read by rows from NVMe (row cache {})",
+                human_bytes(r.size),
+                human_bytes(r.cache_bytes)
+            )?;
+        }
         if !p.ram_layers.is_empty() {
             writeln!(out, "  RAM tier        {} of the streamed layers kept in RAM, copied to the GPU each token", p.ram_layers.len())?;
         }

@@ -567,6 +567,7 @@ impl Session {
             resident_bytes: plan.resident_bytes,
             streamed_bytes: plan.streamed_bytes,
             pool_bytes: plan.pool_bytes,
+            embd_rows_bytes: plan.embd_rows.as_ref().map(|r| r.size),
             lookahead: plan.lookahead,
             pinned_layers: plan.pinned_layers.len(),
             streamed_layers: plan.streamed_layers.len(),
@@ -739,6 +740,7 @@ fn override_patterns(plan: &Plan) -> Vec<String> {
         groups.entry(suffixes).or_default().push(layer);
     }
     let esc = |s: &str| s.replace('.', "\\.");
+    let rows = plan.embd_rows.iter().map(|r| format!("^{}$", esc(&r.name)));
     groups
         .into_iter()
         .map(|(suffixes, layers)| {
@@ -750,6 +752,7 @@ fn override_patterns(plan: &Plan) -> Vec<String> {
                 suffixes.join("|")
             )
         })
+        .chain(rows)
         .collect()
 }
 

@@ -205,6 +205,10 @@ mod tests {
         let non_ffn = 200 * MIB + 32 * ATTN;
         let pinned = p.pinned_layers.len() as u64 * 3 * FFN_T;
         assert_eq!(p.resident_bytes, non_ffn + pinned, "{label}");
+        assert!(
+            p.embd_rows.is_none(),
+            "{label}: 1-D embeddings stay resident"
+        );
         let left = p.ram_budget - p.pool_bytes - p.resident_bytes;
         assert!(
             left < 3 * FFN_T,

@@ -41,7 +41,7 @@ pub mod split;
 use crate::gguf::GgufFile;
 
 pub use budget::ram_budget_for;
-pub use plan::{GpuInput, GpuPlan, Mode, Plan, PlanInput, StreamedTensor, Tier};
+pub use plan::{EmbdRows, GpuInput, GpuPlan, Mode, Plan, PlanInput, StreamedTensor, Tier};
 pub use size::{format_bytes, parse_size, parse_size_arg};
 
 /// GPU memory kept free for what is not weights: the KV cache of `n_ctx`

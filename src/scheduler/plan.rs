@@ -11,6 +11,9 @@ use super::depth;
 use super::size::format_bytes;
 
 mod estimate;
+mod rows;
+
+pub use rows::EmbdRows;
 
 /// The plan's error when the RAM budget cannot hold the smallest placement
 /// (the caller may free memory elsewhere, e.g. a smaller context, and retry).
@@ -192,6 +195,10 @@ pub struct Plan {
     pub predicted_tps: Option<f64>,
     /// GPU placement (`None`: CPU only).
     pub gpu: Option<GpuPlan>,
+    /// CPU streaming: the token embeddings, read by rows on demand instead
+    /// of resident (not in `resident_bytes`; their row cache is in the
+    /// budget). See `plan/rows.rs`.
+    pub embd_rows: Option<EmbdRows>,
 }
 
 /// Host→device bandwidth assumed when the profile has none (GB/s): a PCIe
@@ -420,6 +427,7 @@ impl Plan {
                 input.mem_gbps.map(|m| m * 1e9 / model_bytes.max(1) as f64)
             },
             gpu: gpu_plan,
+            embd_rows: None,
         })
     }
 
@@ -464,9 +472,13 @@ impl Plan {
         let sp = split(g);
         let gpu = input.gpu.as_ref();
         // RAM and GPU needs of what is not FFN.
+        let embd_rows = gpu.is_none().then(|| rows::embd_rows(g)).flatten();
         let (ram_base, gpu_base) = match gpu {
             Some(_) => (sp.embd, sp.base_gpu),
-            None => (model_bytes - ffn.iter().sum::<u64>(), 0),
+            None => (
+                rows::ram_without(model_bytes - ffn.iter().sum::<u64>(), embd_rows.as_ref()),
+                0,
+            ),
         };
         if let Some(gi) = gpu {
             if gpu_base > gi.budget {
@@ -657,7 +669,7 @@ impl Plan {
             mode,
             ram_budget: input.ram_budget,
             model_bytes,
-            resident_bytes: model_bytes - streamed_bytes,
+            resident_bytes: model_bytes - streamed_bytes - embd_rows.as_ref().map_or(0, |r| r.size),
             streamed_bytes,
             streamed,
             pinned_layers: pinned,
@@ -670,6 +682,7 @@ impl Plan {
             ceiling_tps: None,
             predicted_tps: None,
             gpu: gpu_plan,
+            embd_rows,
         };
         plan.estimate(input, model_bytes, &ffn);
         Ok(plan)
@@ -691,6 +704,7 @@ impl Plan {
         let streamed_bytes: u64 = streamed.iter().map(|t| t.size).sum();
         let sp = split(g);
         let gpu = input.gpu.as_ref();
+        let embd_rows = gpu.is_none().then(|| rows::embd_rows(g)).flatten();
         let (ram_base, gpu_base) = match gpu {
             // Dense FFN layers of a MoE (if any) stay with the rest on the GPU.
             Some(_) => (
@@ -702,7 +716,10 @@ impl Plan {
                         .map(|t| t.size)
                         .sum::<u64>(),
             ),
-            None => (model_bytes - streamed_bytes, 0),
+            None => (
+                rows::ram_without(model_bytes - streamed_bytes, embd_rows.as_ref()),
+                0,
+            ),
         };
         if let Some(gi) = gpu {
             if gpu_base > gi.budget {
@@ -792,7 +809,7 @@ impl Plan {
             mode,
             ram_budget: input.ram_budget,
             model_bytes,
-            resident_bytes: model_bytes - streamed_bytes,
+            resident_bytes: model_bytes - streamed_bytes - embd_rows.as_ref().map_or(0, |r| r.size),
             streamed_bytes,
             streamed,
             pinned_layers: Vec::new(),
@@ -805,6 +822,7 @@ impl Plan {
             ceiling_tps: None,
             predicted_tps: None,
             gpu: gpu_plan,
+            embd_rows,
         };
         plan.estimate(input, model_bytes, &[]);
         Ok(plan)

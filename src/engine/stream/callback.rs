@@ -73,6 +73,14 @@ impl Engine {
     pub(super) fn on_node(&mut self, t: *mut sys::ggml_tensor, ask: bool) -> bool {
         // SAFETY: ggml passes a live node; its name is NUL-terminated.
         let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) }.to_bytes();
+        if ask {
+            if let Some(rows) = self.rows.as_mut() {
+                if let Err(e) = rows.before_node(t, &mut *self.reader, &mut self.metrics) {
+                    self.fail(e);
+                    return false;
+                }
+            }
+        }
         if self.mode.streams_dense() {
             if let Some(layer) = node_layer(name, L_OUT) {
                 if layer >= self.n_layer {

@@ -634,11 +634,7 @@ impl DenseSlots {
         };
         debug_assert!(l.tickets.is_empty());
         l.state = LayerState::Idle;
-        if l.slot != usize::MAX {
-            debug_assert!(!self.free_slots.contains(&l.slot));
-            self.free_slots.push(l.slot);
-            l.slot = usize::MAX;
-        }
+        give_back(&mut self.free_slots, &mut l.slot);
     }
 
     /// After an aborted pass: every read is collected and every copy has
@@ -669,14 +665,8 @@ impl DenseSlots {
             // A RAM-tier copy stays valid only if its reads all succeeded:
             // `ram_valid` is set when the copy is dispatched, after them.
             l.state = LayerState::Idle;
-            if l.slot != usize::MAX {
-                self.free_slots.push(l.slot);
-                l.slot = usize::MAX;
-            }
-            if l.dev_slot != usize::MAX {
-                dev_free.push(l.dev_slot);
-                l.dev_slot = usize::MAX;
-            }
+            give_back(&mut self.free_slots, &mut l.slot);
+            give_back(&mut dev_free, &mut l.dev_slot);
         }
         debug_assert!(self.free_slots.len() <= self.n_slots);
         if let Some(g) = g {
@@ -715,11 +705,7 @@ impl DenseSlots {
             }
             l.dev_slot = usize::MAX;
         }
-        if l.slot != usize::MAX {
-            debug_assert!(!self.free_slots.contains(&l.slot));
-            self.free_slots.push(l.slot);
-            l.slot = usize::MAX;
-        }
+        give_back(&mut self.free_slots, &mut l.slot);
     }
 
     /// Submits the next `lookahead` streamed layers after `layer`, cyclically.
@@ -753,6 +739,15 @@ impl DenseSlots {
 
 #[cfg(test)]
 mod tests;
+
+/// Puts a held slot (not `usize::MAX`) back on its free list, once.
+fn give_back(free: &mut Vec<usize>, slot: &mut usize) {
+    if *slot != usize::MAX {
+        debug_assert!(!free.contains(slot));
+        free.push(*slot);
+        *slot = usize::MAX;
+    }
+}
 
 /// Waits for every ticket, failed or not (none may still be writing into a
 /// slot when it goes back to the pool), and empties the list; the first

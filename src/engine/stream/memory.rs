@@ -51,6 +51,18 @@ impl Mapping {
         self.ptr.as_ptr().cast()
     }
 
+    /// Gives the pages back to the kernel: they read as zeros again and hold
+    /// no memory until written. Call it while no read targets the mapping.
+    pub fn discard(&self) {
+        use nix::sys::mman::{madvise, MmapAdvise};
+        // SAFETY: the whole mapping is ours; a private anonymous mapping
+        // reads as zeros after MADV_DONTNEED, which is what its users expect
+        // of pages they have not filled (nothing else points into it).
+        unsafe {
+            let _ = madvise(self.ptr, self.len, MmapAdvise::MADV_DONTNEED);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -71,6 +71,7 @@ mod experts;
 mod memory;
 mod metrics;
 pub mod policy;
+mod rows;
 pub mod trace;
 mod upload;
 
@@ -84,6 +85,7 @@ pub use metrics::StreamMetrics;
 
 use dense::DenseSlots;
 use experts::ExpertCache;
+use rows::RowStore;
 use upload::GpuPool;
 
 /// A streamed tensor as the engine takes it over: the model's `ggml_tensor`,
@@ -128,6 +130,8 @@ struct Shared {
 /// model's tensors back on their own buffer.
 struct Engine {
     reader: Box<dyn ReadBackend>,
+    /// The token embeddings read by rows (`plan.embd_rows`).
+    rows: Option<RowStore>,
     gpu: Option<GpuPool>,
     dense: DenseSlots,
     experts: ExpertCache,
@@ -382,6 +386,7 @@ impl Engine {
         // From here on an error drops `e`, which puts the tensors back.
         let mut e = Engine {
             reader,
+            rows: None,
             gpu: None,
             dense: DenseSlots::none(),
             experts: ExpertCache::none(),
@@ -400,6 +405,29 @@ impl Engine {
             trace: None,
             trace_ids: Vec::new(),
         };
+        if let Some(r) = plan
+            .embd_rows
+            .as_ref()
+            .filter(|_| plan.mode != Mode::Resident)
+        {
+            let rep = reported
+                .iter()
+                .find(|x| x.name == r.name)
+                .with_context(|| {
+                    format!(
+                        "llama.cpp did not place '{}' in the streaming buffer",
+                        r.name
+                    )
+                })?;
+            // SAFETY: a tensor of the live model (the caller's contract); its
+            // data and buffer are put back when the engine drops, before the
+            // row store's memory is unmapped (field order).
+            unsafe {
+                e.restore
+                    .push((rep.tensor, (*rep.tensor).data, (*rep.tensor).buffer));
+                e.rows = Some(RowStore::new(r, rep.tensor, rep.nbytes)?);
+            }
+        }
         match plan.mode {
             Mode::Resident => {}
             Mode::Dense | Mode::GpuDense => {

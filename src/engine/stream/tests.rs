@@ -36,6 +36,7 @@ fn plan(m: &FakeModel, mode: Mode, lookahead: usize, pool_bytes: u64) -> Plan {
         ceiling_tps: None,
         predicted_tps: None,
         gpu: None,
+        embd_rows: None,
     }
 }
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""llama.cpp's mmap path against Hypura's default plan in one memory cgroup,
+rounds alternating (mmap, Hypura, mmap, Hypura, ...) so that the disk's drift
+hits both alike. Root only (scripts/in-cgroup.sh makes the cgroup and drops
+the page cache before every run).
+
+    scripts/bench-cgroup.py MODEL LIMIT ROUNDS TOKENS [--temp T] [--hypura BIN]
+
+"mmap" is `hypura run --mode resident --load-mode mmap --no-repack`
+(llama.cpp's own loader and page cache); "hypura" is `hypura run` with no
+placement flags. Round r uses --seed r for both. Prints one line per run and
+then the medians, the ratio hypura/mmap per round, and Hypura's ceiling for
+the bytes it actually read per token (the profile's sequential disk rate ÷
+read bytes per token) with the fraction of it reached.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "Once upon a time"
+
+
+def run(binary, model, limit, tokens, temp, seed, extra):
+    cmd = [
+        "bash", os.path.join(ROOT, "scripts/in-cgroup.sh"), limit, "--",
+        binary, "run", model, "--prompt", PROMPT, "-n", str(tokens),
+        "--temp", str(temp), "--seed", str(seed), "--json", *extra,
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PEAK": "1"})
+    if p.returncode != 0:
+        sys.exit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.strip()[-600:]}")
+    line = [l for l in p.stderr.splitlines() if l.startswith("{")][-1]
+    d = json.loads(line)
+    m = re.search(r"cgroup peak: (\d+) MiB", p.stderr)
+    d["peak_mib"] = int(m.group(1)) if m else None
+    return d
+
+
+def disk_gbps(binary, model):
+    p = subprocess.run([binary, "profile", "--quick", "--file", model],
+                       capture_output=True, text=True)
+    out = p.stdout + p.stderr
+    m = re.search(r"best sequential\s+([0-9.]+) GB/s", out)
+    if not m:
+        p = subprocess.run([binary, "profile", "--quick"], capture_output=True, text=True)
+        m = re.search(r"best sequential\s+([0-9.]+) GB/s", p.stdout + p.stderr)
+    return float(m.group(1)) if m else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("limit")
+    ap.add_argument("rounds", type=int)
+    ap.add_argument("tokens", type=int)
+    ap.add_argument("--temp", type=float, default=0.0)
+    ap.add_argument("--hypura", default=os.path.join(ROOT, "target/release/hypura"))
+    a = ap.parse_args()
+    gbps = disk_gbps(a.hypura, a.model)
+    print(f"model {a.model}, cgroup {a.limit}, {a.rounds} rounds x {a.tokens} tokens, "
+          f"temp {a.temp}; profiled disk {gbps} GB/s", flush=True)
+    rows = {"mmap": [], "hypura": []}
+    extra = {"mmap": ["--mode", "resident", "--load-mode", "mmap", "--no-repack"], "hypura": []}
+    for r in range(a.rounds):
+        for kind in ("mmap", "hypura"):
+            d = run(a.hypura, a.model, a.limit, a.tokens, a.temp, r + 1, extra[kind])
+            rows[kind].append(d)
+            read = d.get("read_bytes_per_token")
+            hit = d.get("expert_hit_rate")
+            print(f"round {r + 1} {kind:6} gen {d['gen_tps']:.3f} tok/s  mode {d['mode']}  "
+                  f"read/token {read / 2**20 if read else 0:.1f} MiB  "
+                  f"hits {'' if hit is None else f'{hit:.1%}'}  "
+                  f"pinned {d.get('pinned_layers')}  lookahead {d.get('lookahead')}  "
+                  f"peak {d['peak_mib']} MiB", flush=True)
+    med = {k: statistics.median(x["gen_tps"] for x in v) for k, v in rows.items()}
+    ratios = [h["gen_tps"] / m["gen_tps"] for m, h in zip(rows["mmap"], rows["hypura"])]
+    print(f"median gen tok/s: mmap {med['mmap']:.3f}, hypura {med['hypura']:.3f}; "
+          f"hypura/mmap per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    reads = [h["read_bytes_per_token"] for h in rows["hypura"] if h.get("read_bytes_per_token")]
+    if gbps and reads:
+        read = statistics.median(reads)
+        ceiling = gbps * 1e9 / read
+        print(f"hypura read {read / 2**20:.1f} MiB/token; ceiling at {gbps} GB/s: "
+              f"{ceiling:.3f} tok/s; reached {med['hypura'] / ceiling:.2f}x of it")
+
+
+if __name__ == "__main__":
+    main()
