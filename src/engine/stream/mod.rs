@@ -303,21 +303,21 @@ impl Drop for Streamer {
     }
 }
 
+/// The tensor `name` as llama.cpp placed it in the streaming buffer.
+fn placed<'a>(reported: &'a [ReportedTensor], name: &str) -> Result<&'a ReportedTensor> {
+    reported
+        .iter()
+        .find(|r| r.name == name)
+        .with_context(|| format!("llama.cpp did not place '{name}' in the streaming buffer"))
+}
+
 /// The streamed tensors of `plan` as llama.cpp placed them.
 fn tensor_specs(plan: &Plan, reported: &[ReportedTensor]) -> Result<Vec<TensorSpec>> {
     let experts = plan.mode.streams_experts();
     plan.streamed
         .iter()
         .map(|t| {
-            let r = reported
-                .iter()
-                .find(|r| r.name == t.name)
-                .with_context(|| {
-                    format!(
-                        "llama.cpp did not place '{}' in the streaming buffer",
-                        t.name
-                    )
-                })?;
+            let r = placed(reported, &t.name)?;
             if r.nbytes as u64 != t.size {
                 bail!(
                     "'{}': llama.cpp has {} bytes, the file {}",
@@ -410,15 +410,7 @@ impl Engine {
             .as_ref()
             .filter(|_| plan.mode != Mode::Resident)
         {
-            let rep = reported
-                .iter()
-                .find(|x| x.name == r.name)
-                .with_context(|| {
-                    format!(
-                        "llama.cpp did not place '{}' in the streaming buffer",
-                        r.name
-                    )
-                })?;
+            let rep = placed(reported, &r.name)?;
             // SAFETY: a tensor of the live model (the caller's contract); its
             // data and buffer are put back when the engine drops, before the
             // row store's memory is unmapped (field order).
