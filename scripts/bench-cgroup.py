@@ -4,14 +4,16 @@ rounds alternating (mmap, Hypura, mmap, Hypura, ...) so that the disk's drift
 hits both alike. Root only (scripts/in-cgroup.sh makes the cgroup and drops
 the page cache before every run).
 
-    scripts/bench-cgroup.py MODEL LIMIT ROUNDS TOKENS [--temp T] [--hypura BIN]
+    scripts/bench-cgroup.py MODEL LIMIT ROUNDS TOKENS [--temp T] [--hypura BIN] [--ab VAR=VALUE]
 
 "mmap" is `hypura run --mode resident --load-mode mmap --no-repack`
 (llama.cpp's own loader and page cache); "hypura" is `hypura run` with no
 placement flags. Round r uses --seed r for both. Prints one line per run and
 then the medians, the ratio hypura/mmap per round, and Hypura's ceiling for
 the bytes it actually read per token (the profile's sequential disk rate ÷
-read bytes per token) with the fraction of it reached.
+read bytes per token) with the fraction of it reached. `--ab VAR=VALUE` adds
+a third run to every round, Hypura with that environment variable set (e.g.
+HYPURA_NO_PREGATE=1), and prints hypura / that run per round.
 """
 import argparse
 import json
@@ -25,13 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Once upon a time"
 
 
-def run(binary, model, limit, tokens, temp, seed, extra):
+def run(binary, model, limit, tokens, temp, seed, extra, env=None):
     cmd = [
         "bash", os.path.join(ROOT, "scripts/in-cgroup.sh"), limit, "--",
         binary, "run", model, "--prompt", PROMPT, "-n", str(tokens),
         "--temp", str(temp), "--seed", str(seed), "--json", *extra,
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PEAK": "1"})
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "PEAK": "1", **(env or {})})
     if p.returncode != 0:
         sys.exit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.strip()[-600:]}")
     line = [l for l in p.stderr.splitlines() if l.startswith("{")][-1]
@@ -60,15 +63,23 @@ def main():
     ap.add_argument("tokens", type=int)
     ap.add_argument("--temp", type=float, default=0.0)
     ap.add_argument("--hypura", default=os.path.join(ROOT, "target/release/hypura"))
+    ap.add_argument("--ab", help="VAR=VALUE: a third run per round with it set")
     a = ap.parse_args()
+    ab_env = None
+    if a.ab:
+        var, _, val = a.ab.partition("=")
+        ab_env = {var: val}
     gbps = disk_gbps(a.hypura, a.model)
     print(f"model {a.model}, cgroup {a.limit}, {a.rounds} rounds x {a.tokens} tokens, "
           f"temp {a.temp}; profiled disk {gbps} GB/s", flush=True)
-    rows = {"mmap": [], "hypura": []}
-    extra = {"mmap": ["--mode", "resident", "--load-mode", "mmap", "--no-repack"], "hypura": []}
+    kinds = ("mmap", "hypura") + (("ab",) if ab_env else ())
+    rows = {k: [] for k in kinds}
+    extra = {"mmap": ["--mode", "resident", "--load-mode", "mmap", "--no-repack"],
+             "hypura": [], "ab": []}
     for r in range(a.rounds):
-        for kind in ("mmap", "hypura"):
-            d = run(a.hypura, a.model, a.limit, a.tokens, a.temp, r + 1, extra[kind])
+        for kind in kinds:
+            d = run(a.hypura, a.model, a.limit, a.tokens, a.temp, r + 1, extra[kind],
+                    ab_env if kind == "ab" else None)
             rows[kind].append(d)
             read = d.get("read_bytes_per_token")
             hit = d.get("expert_hit_rate")
@@ -76,11 +87,16 @@ def main():
                   f"read/token {read / 2**20 if read else 0:.1f} MiB  "
                   f"hits {'' if hit is None else f'{hit:.1%}'}  "
                   f"pinned {d.get('pinned_layers')}  lookahead {d.get('lookahead')}  "
+                  f"stall {d.get('stall_ms_per_token') or 0:.0f} ms/token  "
                   f"peak {d['peak_mib']} MiB", flush=True)
     med = {k: statistics.median(x["gen_tps"] for x in v) for k, v in rows.items()}
     ratios = [h["gen_tps"] / m["gen_tps"] for m, h in zip(rows["mmap"], rows["hypura"])]
     print(f"median gen tok/s: mmap {med['mmap']:.3f}, hypura {med['hypura']:.3f}; "
           f"hypura/mmap per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    if ab_env:
+        ab = [h["gen_tps"] / b["gen_tps"] for h, b in zip(rows["hypura"], rows["ab"])]
+        print(f"median gen tok/s with {a.ab}: {med['ab']:.3f}; "
+              f"hypura/({a.ab}) per round: {', '.join(f'{x:.2f}x' for x in ab)}")
     reads = [h["read_bytes_per_token"] for h in rows["hypura"] if h.get("read_bytes_per_token")]
     if gbps and reads:
         read = statistics.median(reads)

@@ -41,6 +41,10 @@ pub struct RunReport {
     pub stall_ms_per_token: Option<f64>,
     /// Cross-token expert cache hit rate.
     pub expert_hit_rate: Option<f64>,
+    /// Pre-gating: the fraction of predicted experts the router picked, and
+    /// of the experts read ahead on a prediction.
+    pub expert_prediction_precision: Option<f64>,
+    pub expert_readahead_used: Option<f64>,
     /// Average disk throughput during generation (GB/s).
     pub disk_gbps: Option<f64>,
     pub io_backend: Option<String>,
@@ -133,6 +137,12 @@ impl RunReport {
             if let Some(h) = self.expert_hit_rate {
                 s += &format!(", expert cache hits {:.1}%", h * 100.0);
             }
+            if let Some(p) = self.expert_prediction_precision {
+                s += &format!(", pre-gate precision {:.1}%", p * 100.0);
+            }
+            if let Some(u) = self.expert_readahead_used {
+                s += &format!(", read-ahead used {:.1}%", u * 100.0);
+            }
             if let Some(b) = &self.io_backend {
                 s += &format!(" ({b})");
             }
@@ -166,6 +176,8 @@ impl RunReport {
             read_bytes_per_token: None,
             stall_ms_per_token: None,
             expert_hit_rate: None,
+            expert_prediction_precision: None,
+            expert_readahead_used: None,
             disk_gbps: None,
             io_backend: None,
             predicted_tps: None,

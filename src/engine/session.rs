@@ -257,6 +257,15 @@ impl Session {
         // A batch longer than the context is the context (as llama.cpp does).
         let n_batch = opts.n_batch.min(n_ctx);
         (copts.n_ctx, copts.n_batch, copts.n_threads) = (n_ctx, n_batch, threads);
+        if streaming && plan.mode == Mode::Experts {
+            // Expert reads fault their pages in on the I/O thread (the cache
+            // gives evicted experts' pages back): a worker spinning for the
+            // next compute range while the decoding thread waits for them
+            // takes a core from it. Measured on the 12 GiB MoE in 4 GiB
+            // (docs/performance.md); dense streaming, whose slots keep their
+            // pages, measured no better without the spin.
+            copts.cpu_poll = Some(0);
+        }
         if gpu_layers != 0 {
             copts.cpu_poll = Some(0);
             // Weights in host memory must not be copied to the GPU behind the
@@ -574,6 +583,8 @@ impl Session {
             read_bytes_per_token: streaming.map(|m| m.bytes_read as f64 / per_tok),
             stall_ms_per_token: streaming.map(|m| m.stall_ns as f64 / 1e6 / per_tok),
             expert_hit_rate: streaming.and_then(|m| m.hit_rate()),
+            expert_prediction_precision: streaming.and_then(|m| m.prediction_precision()),
+            expert_readahead_used: streaming.and_then(|m| m.prefetch_used_rate()),
             disk_gbps: streaming
                 .filter(|_| stats.gen_secs > 0.0)
                 .map(|m| m.bytes_read as f64 / 1e9 / stats.gen_secs),
@@ -653,17 +664,7 @@ fn check_ctx(gguf: &GgufFile, n_ctx: u32) -> Result<()> {
 /// Sums streaming counters of several generation phases.
 pub fn add_metrics(a: Option<StreamMetrics>, b: Option<StreamMetrics>) -> Option<StreamMetrics> {
     match (a, b) {
-        (Some(a), Some(b)) => Some(StreamMetrics {
-            bytes_read: a.bytes_read + b.bytes_read,
-            reads: a.reads + b.reads,
-            stall_ns: a.stall_ns + b.stall_ns,
-            io_busy_ns: a.io_busy_ns + b.io_busy_ns,
-            expert_hits: a.expert_hits + b.expert_hits,
-            expert_misses: a.expert_misses + b.expert_misses,
-            passes: a.passes + b.passes,
-            upload_bytes: a.upload_bytes + b.upload_bytes,
-            gpu_hits: a.gpu_hits + b.gpu_hits,
-        }),
+        (Some(a), Some(b)) => Some(a.plus(&b)),
         (a, None) => a,
         (None, b) => b,
     }

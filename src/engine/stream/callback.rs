@@ -17,6 +17,8 @@ use super::{Engine, Shared};
 const L_OUT: &[u8] = b"l_out-";
 /// The router's top-k ids of layer N.
 const TOPK: &[u8] = b"ffn_moe_topk-";
+/// The router's logits of layer N (`mul_mat(gate_inp, ffn_norm)`).
+const LOGITS: &[u8] = b"ffn_moe_logits-";
 
 /// Layer index of a node named `PREFIX<digits>` (optionally followed by ` (view)` etc.).
 fn node_layer(name: &[u8], prefix: &[u8]) -> Option<usize> {
@@ -123,6 +125,12 @@ impl Engine {
             return false;
         }
         if self.mode.streams_experts() {
+            if ask {
+                if let (Some(p), Some(layer)) = (self.pregate.as_mut(), node_layer(name, LOGITS)) {
+                    // SAFETY: ggml passes a live node of the graph it computes.
+                    unsafe { p.observe(layer, t) };
+                }
+            }
             if let Some(layer) = node_layer(name, TOPK) {
                 if ask {
                     return self.experts.has_layer(layer);
@@ -211,9 +219,31 @@ impl Engine {
                 t.record(self.metrics.passes, layer, row, &self.trace_ids)?;
             }
         }
+        if let Some(p) = self.pregate.as_mut() {
+            p.score(layer, self.experts.selected(), &mut self.metrics);
+        }
         let io = &mut *self.reader;
         self.experts
-            .load_selected(layer, io, &mut self.metrics, self.gpu.as_mut())
+            .load_selected(layer, io, &mut self.metrics, self.gpu.as_mut())?;
+        // Decode (one token): guess the next layer's picks from this one's
+        // residual stream and start reading them while this layer's experts
+        // and the next attention compute.
+        if let Some(p) = self.pregate.as_mut().filter(|_| n_tok == 1) {
+            // SAFETY: the top-k of `layer` was computed and synchronised in
+            // the range that held its observed logits node, whose sources
+            // the layer's expert matmuls and residual add still read.
+            let reads = p.reads();
+            if let Some(ids) = unsafe { p.predict(layer, k) }.filter(|_| reads) {
+                self.experts.prefetch(
+                    layer + 1,
+                    ids,
+                    layer,
+                    &mut *self.reader,
+                    &mut self.metrics,
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -8,11 +8,12 @@
 //! default) picks which loaded expert goes first (never one of the layer's
 //! current picks, never one being read).
 //!
-//! There is no read-ahead: experts cannot be known before the router has
-//! picked them, and a co-activation predictor (which experts of layer N
-//! followed the picks of layer N−1, read ahead while layer N−1 computed) did
-//! not measurably help on correlated routing (`docs/performance.md`), so it
-//! was removed.
+//! Read-ahead: [`prefetch`](ExpertCache::prefetch) starts the reads of the
+//! experts pre-gating (`pregate.rs`) predicts for the next layer; they are
+//! `Loading` until that layer's top-k collects every read of the layer.
+//! (A co-activation predictor, which experts of layer N followed the picks
+//! of layer N−1, did not measurably help on correlated routing and was
+//! removed: `docs/performance.md`.)
 //!
 //! Staged GPU tier: the RAM cache can be pinned memory cut into uniform slots
 //! (one expert of a layer each), so copies to the device run at the pinned
@@ -94,6 +95,10 @@ pub(super) struct ExpertCache {
     tickets: Vec<Ticket>,
     /// Selected experts missing from the GPU slot (staged GPU tier).
     dev_missing: Vec<i32>,
+    /// The experts of `spare_layer` last read ahead (sorted): eviction
+    /// spares them as it spares the layer at hand's picks.
+    spare: Vec<i32>,
+    spare_layer: usize,
     /// Staged GPU tier: the RAM expert cache as pinned memory cut into
     /// uniform slots (one expert of a layer each), so copies to the GPU run
     /// at the pinned rate; none: the address-space arena (pageable).
@@ -117,6 +122,8 @@ impl ExpertCache {
             selected: Vec::new(),
             tickets: Vec::new(),
             dev_missing: Vec::new(),
+            spare: Vec::new(),
+            spare_layer: usize::MAX,
             cache: None,
             cache_slot_bytes: 0,
             cache_free: Vec::new(),
@@ -209,6 +216,7 @@ impl ExpertCache {
             max_n,
             selected: Vec::with_capacity(max_n),
             dev_missing: Vec::with_capacity(max_n),
+            spare: Vec::with_capacity(max_n),
             tickets: Vec::with_capacity(max_n * 4 + 16),
             arena: Some(arena),
             policy: policy::default_policy(n_slots),
@@ -391,8 +399,12 @@ impl ExpertCache {
             match el.state[e] {
                 ExpertState::Empty => need += el.expert_mem,
                 ExpertState::Loaded => m.expert_hits += 1,
-                // No read of a layer outlives its `load_selected`.
-                ExpertState::Loading => debug_assert!(false, "expert {e} loading"),
+                // Read ahead (its reads are collected below with the
+                // misses'): not a cache hit, its bytes were read for it.
+                ExpertState::Loading => {
+                    m.expert_misses += 1;
+                    m.prefetch_used += 1;
+                }
             }
         }
         self.evict_until(need, layer, pass);
@@ -438,6 +450,77 @@ impl ExpertCache {
             std::mem::swap(&mut self.selected, &mut self.dev_missing);
         }
         Ok(())
+    }
+
+    /// The experts the router picked for the layer at hand (deduplicated).
+    pub fn selected(&self) -> &[i32] {
+        &self.selected
+    }
+
+    /// Starts reading the experts `ids` of `layer` that are not in memory
+    /// (pre-gating's guess for the next layer), without waiting: they are
+    /// `Loading` until `layer`'s top-k collects every read of the layer.
+    /// Eviction makes room as for a miss but spares `keep_layer`'s picks of
+    /// this pass (about to be computed) and the other guesses; a guess that
+    /// does not fit then is not read. RAM arena only (not the pinned cache).
+    pub fn prefetch(
+        &mut self,
+        layer: usize,
+        ids: &[i32],
+        keep_layer: usize,
+        io: &mut dyn ReadBackend,
+        m: &mut StreamMetrics,
+    ) -> Result<()> {
+        let Some(el) = self.layers.get(layer).and_then(Option::as_ref) else {
+            return Ok(());
+        };
+        if self.cache.is_some() {
+            return Ok(());
+        }
+        let n = el.n();
+        self.spare.clear();
+        self.spare.extend(
+            ids.iter()
+                .copied()
+                .filter(|&id| id >= 0 && (id as usize) < n),
+        );
+        self.spare.sort_unstable();
+        self.spare.dedup();
+        self.spare_layer = layer;
+        let pass = m.passes;
+        let mut i = 0;
+        while i < self.spare.len() {
+            let el = self.layers[layer].as_ref().context("expert layer")?;
+            let first = self.spare[i];
+            let run = self.spare[i..]
+                .iter()
+                .enumerate()
+                .take_while(|&(j, &id)| {
+                    id == first + j as i32 && el.state[id as usize] == ExpertState::Empty
+                })
+                .count();
+            let mem = el.expert_mem;
+            i += run.max(1);
+            if run == 0 {
+                continue;
+            }
+            let need = run as u64 * mem;
+            self.evict_until(need, keep_layer, pass);
+            if self.resident + need > self.budget {
+                break;
+            }
+            self.submit_experts(layer, first as usize, run, io, m)?;
+            m.prefetched += run as u64;
+        }
+        Ok(())
+    }
+
+    /// Collects every expert read in flight (after an error: no read may
+    /// still write into the arena when the engine starts again or goes).
+    pub fn collect_all(&mut self, io: &mut dyn ReadBackend) {
+        for layer in 0..self.layers.len() {
+            let _ = self.collect_layer(layer, io);
+        }
     }
 
     /// Direct expert slots: reads the selected experts missing from the
@@ -706,6 +789,7 @@ impl ExpertCache {
                 for e in 0..l.n() {
                     if l.state[e] != ExpertState::Loaded
                         || (li == keep_layer && l.last_used[e] == pass)
+                        || (li == self.spare_layer && self.spare.binary_search(&(e as i32)).is_ok())
                     {
                         continue;
                     }

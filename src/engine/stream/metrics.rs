@@ -23,6 +23,12 @@ pub struct StreamMetrics {
     pub upload_bytes: u64,
     /// Selected experts already in their GPU slot (no copy, no read).
     pub gpu_hits: u64,
+    /// Pre-gating: experts predicted, and how many of them were picked.
+    pub predicted: u64,
+    pub predicted_used: u64,
+    /// Experts read ahead on a prediction, and how many of them were picked.
+    pub prefetched: u64,
+    pub prefetch_used: u64,
 }
 
 impl StreamMetrics {
@@ -37,7 +43,40 @@ impl StreamMetrics {
             passes: self.passes - earlier.passes,
             upload_bytes: self.upload_bytes - earlier.upload_bytes,
             gpu_hits: self.gpu_hits - earlier.gpu_hits,
+            predicted: self.predicted - earlier.predicted,
+            predicted_used: self.predicted_used - earlier.predicted_used,
+            prefetched: self.prefetched - earlier.prefetched,
+            prefetch_used: self.prefetch_used - earlier.prefetch_used,
         }
+    }
+
+    /// The sum of two phases' counters.
+    pub fn plus(&self, o: &StreamMetrics) -> StreamMetrics {
+        StreamMetrics {
+            bytes_read: self.bytes_read + o.bytes_read,
+            reads: self.reads + o.reads,
+            stall_ns: self.stall_ns + o.stall_ns,
+            io_busy_ns: self.io_busy_ns + o.io_busy_ns,
+            expert_hits: self.expert_hits + o.expert_hits,
+            expert_misses: self.expert_misses + o.expert_misses,
+            passes: self.passes + o.passes,
+            upload_bytes: self.upload_bytes + o.upload_bytes,
+            gpu_hits: self.gpu_hits + o.gpu_hits,
+            predicted: self.predicted + o.predicted,
+            predicted_used: self.predicted_used + o.predicted_used,
+            prefetched: self.prefetched + o.prefetched,
+            prefetch_used: self.prefetch_used + o.prefetch_used,
+        }
+    }
+
+    /// Fraction of pre-gating's predicted experts the router picked.
+    pub fn prediction_precision(&self) -> Option<f64> {
+        (self.predicted > 0).then(|| self.predicted_used as f64 / self.predicted as f64)
+    }
+
+    /// Fraction of the experts read ahead that were picked.
+    pub fn prefetch_used_rate(&self) -> Option<f64> {
+        (self.prefetched > 0).then(|| self.prefetch_used as f64 / self.prefetched as f64)
     }
     /// Cross-token expert cache hit rate in [0, 1]: selections served
     /// without a disk read (from the RAM cache or the GPU slot).

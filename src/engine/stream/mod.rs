@@ -71,6 +71,7 @@ mod experts;
 mod memory;
 mod metrics;
 pub mod policy;
+mod pregate;
 mod rows;
 pub mod trace;
 mod upload;
@@ -85,6 +86,7 @@ pub use metrics::StreamMetrics;
 
 use dense::DenseSlots;
 use experts::ExpertCache;
+use pregate::Pregate;
 use rows::RowStore;
 use upload::GpuPool;
 
@@ -135,6 +137,8 @@ struct Engine {
     gpu: Option<GpuPool>,
     dense: DenseSlots,
     experts: ExpertCache,
+    /// CPU expert streaming: the next layer's experts guessed and read ahead.
+    pregate: Option<Pregate>,
     mode: Mode,
     n_layer: usize,
     last_layer_seen: usize,
@@ -390,6 +394,7 @@ impl Engine {
             gpu: None,
             dense: DenseSlots::none(),
             experts: ExpertCache::none(),
+            pregate: None,
             mode: plan.mode,
             n_layer,
             last_layer_seen: usize::MAX,
@@ -441,6 +446,9 @@ impl Engine {
             }
             Mode::Experts | Mode::GpuExperts => {
                 e.experts = ExpertCache::new(&specs, n_layer, plan.pool_bytes, staged.as_ref())?;
+                if plan.mode == Mode::Experts {
+                    e.pregate = Some(Pregate::new(n_layer));
+                }
                 if let Some((dev, upload)) = gpu {
                     let pool = match upload {
                         Upload::Staged => {
@@ -598,6 +606,7 @@ impl Engine {
             .is_some_and(|g| g.staged() || g.per_slot());
         self.dense.point_at_zeros(on_guard);
         self.dense.reset(&mut *self.reader, self.gpu.as_mut());
+        self.experts.collect_all(&mut *self.reader);
     }
 }
 

@@ -361,3 +361,95 @@ fn a_layers_misses_are_all_in_flight_before_the_first_wait() {
     assert_eq!(io.depths.first(), Some(&9), "{:?}", io.depths);
     assert_eq!(io.outstanding(), 0);
 }
+
+/// Pre-gating's read-ahead: the guessed experts of the next layer are read
+/// once (adjacent ones together), stay `Loading` until that layer's top-k,
+/// which collects them with its own misses; eviction for a guess spares the
+/// layer at hand's picks; after an error nothing stays in flight.
+#[test]
+fn read_ahead_is_read_once_and_collected_by_its_layer() {
+    let m = model(2);
+    for complete in [
+        Complete::AtSubmit,
+        Complete::Reversed,
+        Complete::WhenCollected { polls: 0 },
+    ] {
+        let mut io = m.reader(complete);
+        let mut c = cache(&m, 6);
+        let mut metrics = StreamMetrics::default();
+        next_pass(&mut metrics);
+        pick(&m, &mut c, &mut io, &mut metrics, 0, &[0, 1]);
+        let before = FakeReader::submitted(&io.log).len();
+        c.prefetch(1, &[5, 2, 3, 9, -1], 0, &mut io, &mut metrics)
+            .unwrap();
+        // Out-of-range guesses are dropped; runs 2..=3 and 5: one request
+        // per tensor each.
+        assert_eq!(
+            FakeReader::submitted(&io.log).len() - before,
+            6,
+            "{complete:?}"
+        );
+        assert_eq!(metrics.prefetched, 3);
+        let l1 = c.layers[1].as_ref().unwrap();
+        for e in [2, 3, 5] {
+            assert_eq!(l1.state[e], ExpertState::Loading, "{complete:?}");
+        }
+        assert_eq!(c.tickets_held(), 6);
+        // The router picks 2 (guessed) and 4 (not): only 4 is read now;
+        // every read of the layer is collected, the unused guesses cached.
+        pick(&m, &mut c, &mut io, &mut metrics, 1, &[2, 4]);
+        assert_eq!(
+            FakeReader::submitted(&io.log).len() - before,
+            9,
+            "{complete:?}"
+        );
+        assert_eq!(c.tickets_held(), 0);
+        assert_eq!((metrics.prefetch_used, metrics.expert_misses), (1, 4));
+        let l1 = c.layers[1].as_ref().unwrap();
+        assert_eq!(
+            (l1.state[3], l1.state[5]),
+            (ExpertState::Loaded, ExpertState::Loaded)
+        );
+        // Their bytes are the file's too.
+        pick(&m, &mut c, &mut io, &mut metrics, 1, &[3, 5]);
+        assert_eq!(metrics.expert_hits, 2);
+    }
+}
+
+#[test]
+fn read_ahead_never_evicts_the_picks_about_to_compute() {
+    let m = model(2);
+    let mut io = m.reader(Complete::WhenCollected { polls: 0 });
+    let mut c = cache(&m, 3);
+    let mut metrics = StreamMetrics::default();
+    next_pass(&mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, &[0, 1, 2]);
+    // Full of layer 0's picks of this pass: no guess fits, none is read.
+    let n = FakeReader::submitted(&io.log).len();
+    c.prefetch(1, &[4, 5], 0, &mut io, &mut metrics).unwrap();
+    assert_eq!(FakeReader::submitted(&io.log).len(), n);
+    assert_eq!(metrics.prefetched, 0);
+    // Next pass layer 0 picks only 0: 1 and 2 make room for the guesses.
+    next_pass(&mut metrics);
+    pick(&m, &mut c, &mut io, &mut metrics, 0, &[0]);
+    c.prefetch(1, &[4, 5], 0, &mut io, &mut metrics).unwrap();
+    assert_eq!(metrics.prefetched, 2);
+    let (l0, l1) = (c.layers[0].as_ref().unwrap(), c.layers[1].as_ref().unwrap());
+    assert_eq!(l0.state[0], ExpertState::Loaded);
+    assert_eq!(
+        (l0.state[1], l0.state[2]),
+        (ExpertState::Empty, ExpertState::Empty)
+    );
+    assert_eq!(
+        (l1.state[4], l1.state[5]),
+        (ExpertState::Loading, ExpertState::Loading)
+    );
+    // An error elsewhere: the engine collects every read in flight.
+    c.collect_all(&mut io);
+    assert_eq!(c.tickets_held(), 0);
+    let l1 = c.layers[1].as_ref().unwrap();
+    assert_eq!(
+        (l1.state[4], l1.state[5]),
+        (ExpertState::Loaded, ExpertState::Loaded)
+    );
+}
