@@ -138,14 +138,16 @@ impl Pregate {
     pub unsafe fn predict(&mut self, layer: usize, k: usize) -> Option<&[i32]> {
         self.picks.clear();
         self.picks_layer = usize::MAX;
-        if self.logits_layer != layer || self.logits_node.is_null() {
+        // A node is used once: the next guess needs the next range's node.
+        let node = std::mem::replace(&mut self.logits_node, std::ptr::null_mut());
+        if self.logits_layer != layer || node.is_null() {
             return None;
         }
         let next = (*self.layers.get(layer + 1)?)?;
         // SAFETY: our contract (live node and sources, valid host data is
         // checked per tensor by `host_f32_vector`).
         let (input, normed) = unsafe {
-            let cur = (*self.logits_node).src[1];
+            let cur = (*node).src[1];
             match pre_norm_input(cur) {
                 Some(h) if !next.norm.is_null() => (h, false),
                 _ => (cur, true),
@@ -513,7 +515,10 @@ mod tests {
                 p.observe(0, g.layers[0].1);
                 let got = p.predict(0, 4).unwrap().to_vec();
                 assert_eq!(got, want, "{ty}");
+                assert!(p.predict(0, 4).is_none(), "a node is used once");
+                p.observe(0, g.layers[0].1);
                 assert!(p.predict(0, EXPERTS + 1).is_none(), "k above the experts");
+                p.observe(0, g.layers[0].1);
             }
             // Scored against what layer 1 picks.
             let mut m = StreamMetrics::default();
