@@ -39,10 +39,16 @@ fn moe(out: &Path, routing: Option<&str>) {
     gen(out, &args);
 }
 
-/// Distinct experts per layer over the generated tokens (passes of one
-/// token after the prompt's) of a 128-token run at temperature 1.
-fn experts_used(model: &Path, trace: &Path) -> Vec<usize> {
-    let o = hypura()
+/// `run MODEL` with expert streaming at temperature 1 in 4 MiB: `tokens`
+/// tokens, seed `seed`, then `extra`; the read-ahead off if `no_pregate`.
+fn sampled(
+    model: &Path,
+    seed: &str,
+    tokens: &str,
+    extra: &[&std::ffi::OsStr],
+    no_pregate: bool,
+) -> std::process::Output {
+    hypura()
         .args([
             "run",
             model.to_str().unwrap(),
@@ -51,9 +57,9 @@ fn experts_used(model: &Path, trace: &Path) -> Vec<usize> {
             "--temp",
             "1",
             "--seed",
-            "5",
+            seed,
             "--max-tokens",
-            "128",
+            tokens,
             "--threads",
             "2",
             "--mode",
@@ -61,11 +67,23 @@ fn experts_used(model: &Path, trace: &Path) -> Vec<usize> {
             "--ram-budget",
             "4M",
             "--json",
-            "--routing-trace",
         ])
-        .arg(trace)
+        .args(extra)
+        .env("HYPURA_NO_PREGATE", if no_pregate { "1" } else { "0" })
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Distinct experts per layer over the generated tokens (passes of one
+/// token after the prompt's) of a 128-token run at temperature 1.
+fn experts_used(model: &Path, trace: &Path) -> Vec<usize> {
+    let o = sampled(
+        model,
+        "5",
+        "128",
+        &["--routing-trace".as_ref(), trace.as_os_str()],
+        false,
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "run failed: {err}");
     let text = std::fs::read_to_string(trace).unwrap();
@@ -134,29 +152,7 @@ fn routed_moe_streaming_is_bit_identical() {
 
 /// A 48-token run at temperature 1 with expert streaming: (stdout, report).
 fn sampled_run(model: &Path, no_pregate: bool) -> (String, serde_json::Value) {
-    let o = hypura()
-        .args([
-            "run",
-            model.to_str().unwrap(),
-            "--prompt",
-            "The quick brown fox jumps over",
-            "--temp",
-            "1",
-            "--seed",
-            "9",
-            "--max-tokens",
-            "48",
-            "--threads",
-            "2",
-            "--mode",
-            "experts",
-            "--ram-budget",
-            "4M",
-            "--json",
-        ])
-        .env("HYPURA_NO_PREGATE", if no_pregate { "1" } else { "0" })
-        .output()
-        .unwrap();
+    let o = sampled(model, "9", "48", &[], no_pregate);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "run failed: {err}");
     let line = err.lines().rfind(|l| l.starts_with('{')).expect("report");
