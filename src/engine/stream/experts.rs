@@ -492,13 +492,7 @@ impl ExpertCache {
         while i < self.spare.len() {
             let el = self.layers[layer].as_ref().context("expert layer")?;
             let first = self.spare[i];
-            let run = self.spare[i..]
-                .iter()
-                .enumerate()
-                .take_while(|&(j, &id)| {
-                    id == first + j as i32 && el.state[id as usize] == ExpertState::Empty
-                })
-                .count();
+            let run = empty_run(el, &self.spare[i..]);
             let mem = el.expert_mem;
             i += run.max(1);
             if run == 0 {
@@ -644,14 +638,7 @@ impl ExpertCache {
         let Some(el) = self.layers[layer].as_ref() else {
             return 0;
         };
-        let first = self.selected[i];
-        let run = self.selected[i..]
-            .iter()
-            .enumerate()
-            .take_while(|&(j, &id)| {
-                id == first + j as i32 && el.state[id as usize] == ExpertState::Empty
-            })
-            .count();
+        let run = empty_run(el, &self.selected[i..]);
         if self.cache.is_some() {
             run.min(1)
         } else {
@@ -836,6 +823,18 @@ impl ExpertCache {
         l.state[e] = ExpertState::Empty;
         self.resident = self.resident.saturating_sub(l.expert_mem);
     }
+}
+
+/// How many of `ids` (sorted) from the first on are empty and adjacent
+/// (`e, e + 1, ...`): experts read as one request per tensor.
+fn empty_run(el: &ExpertLayer, ids: &[i32]) -> usize {
+    let Some(&first) = ids.first() else { return 0 };
+    ids.iter()
+        .enumerate()
+        .take_while(|&(j, &id)| {
+            id == first + j as i32 && el.state[id as usize] == ExpertState::Empty
+        })
+        .count()
 }
 
 #[cfg(test)]
