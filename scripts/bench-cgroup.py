@@ -4,7 +4,7 @@ rounds alternating (mmap, Hypura, mmap, Hypura, ...) so that the disk's drift
 hits both alike. Root only (scripts/in-cgroup.sh makes the cgroup and drops
 the page cache before every run).
 
-    scripts/bench-cgroup.py MODEL LIMIT ROUNDS TOKENS [--temp T] [--hypura BIN] [--ab VAR=VALUE]
+    scripts/bench-cgroup.py MODEL LIMIT ROUNDS TOKENS [--temp T] [--hypura BIN] [--ab VAR=VALUE] [--no-mmap]
 
 "mmap" is `hypura run --mode resident --load-mode mmap --no-repack`
 (llama.cpp's own loader and page cache); "hypura" is `hypura run` with no
@@ -13,7 +13,8 @@ then the medians, the ratio hypura/mmap per round, and Hypura's ceiling for
 the bytes it actually read per token (the profile's sequential disk rate ÷
 read bytes per token) with the fraction of it reached. `--ab VAR=VALUE` adds
 a third run to every round, Hypura with that environment variable set (e.g.
-HYPURA_NO_PREGATE=1), and prints hypura / that run per round.
+HYPURA_NO_PREGATE=1), and prints hypura / that run per round; `--no-mmap`
+leaves the mmap runs out (an A/B of Hypura alone).
 """
 import argparse
 import json
@@ -64,6 +65,8 @@ def main():
     ap.add_argument("--temp", type=float, default=0.0)
     ap.add_argument("--hypura", default=os.path.join(ROOT, "target/release/hypura"))
     ap.add_argument("--ab", help="VAR=VALUE: a third run per round with it set")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="skip the mmap runs (A/B of Hypura only, with --ab)")
     a = ap.parse_args()
     ab_env = None
     if a.ab:
@@ -72,7 +75,9 @@ def main():
     gbps = disk_gbps(a.hypura, a.model)
     print(f"model {a.model}, cgroup {a.limit}, {a.rounds} rounds x {a.tokens} tokens, "
           f"temp {a.temp}; profiled disk {gbps} GB/s", flush=True)
-    kinds = ("mmap", "hypura") + (("ab",) if ab_env else ())
+    if a.no_mmap and not ab_env:
+        sys.exit("--no-mmap needs --ab")
+    kinds = (() if a.no_mmap else ("mmap",)) + ("hypura",) + (("ab",) if ab_env else ())
     rows = {k: [] for k in kinds}
     extra = {"mmap": ["--mode", "resident", "--load-mode", "mmap", "--no-repack"],
              "hypura": [], "ab": []}
@@ -90,9 +95,10 @@ def main():
                   f"stall {d.get('stall_ms_per_token') or 0:.0f} ms/token  "
                   f"peak {d['peak_mib']} MiB", flush=True)
     med = {k: statistics.median(x["gen_tps"] for x in v) for k, v in rows.items()}
-    ratios = [h["gen_tps"] / m["gen_tps"] for m, h in zip(rows["mmap"], rows["hypura"])]
-    print(f"median gen tok/s: mmap {med['mmap']:.3f}, hypura {med['hypura']:.3f}; "
-          f"hypura/mmap per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    if not a.no_mmap:
+        ratios = [h["gen_tps"] / m["gen_tps"] for m, h in zip(rows["mmap"], rows["hypura"])]
+        print(f"median gen tok/s: mmap {med['mmap']:.3f}, hypura {med['hypura']:.3f}; "
+              f"hypura/mmap per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
     if ab_env:
         ab = [h["gen_tps"] / b["gen_tps"] for h, b in zip(rows["hypura"], rows["ab"])]
         print(f"median gen tok/s with {a.ab}: {med['ab']:.3f}; "

@@ -45,6 +45,9 @@ pub struct RunReport {
     /// of the experts read ahead on a prediction.
     pub expert_prediction_precision: Option<f64>,
     pub expert_readahead_used: Option<f64>,
+    /// Fraction of the bytes read that landed in pages moved from evicted
+    /// experts instead of fresh ones.
+    pub expert_pages_recycled: Option<f64>,
     /// Average disk throughput during generation (GB/s).
     pub disk_gbps: Option<f64>,
     pub io_backend: Option<String>,
@@ -143,6 +146,9 @@ impl RunReport {
             if let Some(u) = self.expert_readahead_used {
                 s += &format!(", read-ahead used {:.1}%", u * 100.0);
             }
+            if let Some(r) = self.expert_pages_recycled {
+                s += &format!(", pages recycled {:.0}%", r * 100.0);
+            }
             if let Some(b) = &self.io_backend {
                 s += &format!(" ({b})");
             }
@@ -178,6 +184,7 @@ impl RunReport {
             expert_hit_rate: None,
             expert_prediction_precision: None,
             expert_readahead_used: None,
+            expert_pages_recycled: None,
             disk_gbps: None,
             io_backend: None,
             predicted_tps: None,

@@ -2,7 +2,8 @@
 //! over 128 generated tokens, uniform routing (S = 0) uses ≥ 90% of each
 //! layer's experts (read from `run --routing-trace`); routed models stream
 //! bit-identically; pre-gating guesses routed experts and reads them ahead
-//! without changing the output; bad specs fail cleanly.
+//! without changing the output; evicted experts' pages recycled for misses
+//! change nothing either; bad specs fail cleanly.
 
 mod common;
 
@@ -15,19 +16,24 @@ const EXPERTS: usize = 32;
 const LAYERS: usize = 4;
 
 fn moe(out: &Path, routing: Option<&str>) {
+    moe_sized(out, routing, "256", "128");
+}
+
+/// `moe` with another width and expert width.
+fn moe_sized(out: &Path, routing: Option<&str>, embd: &str, ff_exp: &str) {
     let mut args = vec![
         "--arch",
         "qwen3moe",
         "--layers",
         "4",
         "--embd",
-        "256",
+        embd,
         "--experts",
         "32",
         "--experts-used",
         "4",
         "--ff-exp",
-        "128",
+        ff_exp,
         "--type",
         "q8_0",
         "--seed",
@@ -39,14 +45,14 @@ fn moe(out: &Path, routing: Option<&str>) {
     gen(out, &args);
 }
 
-/// `run MODEL` with expert streaming at temperature 1 in 4 MiB: `tokens`
-/// tokens, seed `seed`, then `extra`; the read-ahead off if `no_pregate`.
+/// `run MODEL` with expert streaming at temperature 1 in `budget`: `tokens`
+/// tokens, seed `seed`, then `extra`, with the environment `env`.
 fn sampled(
     model: &Path,
-    seed: &str,
-    tokens: &str,
+    budget: &str,
+    (seed, tokens): (&str, &str),
     extra: &[&std::ffi::OsStr],
-    no_pregate: bool,
+    env: &[(&str, &str)],
 ) -> std::process::Output {
     hypura()
         .args([
@@ -65,11 +71,11 @@ fn sampled(
             "--mode",
             "experts",
             "--ram-budget",
-            "4M",
+            budget,
             "--json",
         ])
         .args(extra)
-        .env("HYPURA_NO_PREGATE", if no_pregate { "1" } else { "0" })
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -79,10 +85,10 @@ fn sampled(
 fn experts_used(model: &Path, trace: &Path) -> Vec<usize> {
     let o = sampled(
         model,
-        "5",
-        "128",
+        "4M",
+        ("5", "128"),
         &["--routing-trace".as_ref(), trace.as_os_str()],
-        false,
+        &[],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "run failed: {err}");
@@ -150,9 +156,10 @@ fn routed_moe_streaming_is_bit_identical() {
     check_bit_identical(&m, "4M", "experts");
 }
 
-/// A 48-token run at temperature 1 with expert streaming: (stdout, report).
-fn sampled_run(model: &Path, no_pregate: bool) -> (String, serde_json::Value) {
-    let o = sampled(model, "9", "48", &[], no_pregate);
+/// A 48-token run at temperature 1 with expert streaming in `budget`:
+/// (stdout, report).
+fn sampled_run(model: &Path, budget: &str, env: &[(&str, &str)]) -> (String, serde_json::Value) {
+    let o = sampled(model, budget, ("9", "48"), &[], env);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "run failed: {err}");
     let line = err.lines().rfind(|l| l.starts_with('{')).expect("report");
@@ -171,8 +178,8 @@ fn pregating_reads_the_next_layers_experts_ahead_without_changing_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("zipf0.gguf");
     moe(&m, Some("zipf:0"));
-    let (text, rep) = sampled_run(&m, false);
-    let (text_off, rep_off) = sampled_run(&m, true);
+    let (text, rep) = sampled_run(&m, "4M", &[]);
+    let (text_off, rep_off) = sampled_run(&m, "4M", &[("HYPURA_NO_PREGATE", "1")]);
     eprintln!("with: {rep}\nwithout: {rep_off}");
     let precision = rep["expert_prediction_precision"].as_f64().unwrap();
     let used = rep["expert_readahead_used"].as_f64().unwrap();
@@ -181,6 +188,32 @@ fn pregating_reads_the_next_layers_experts_ahead_without_changing_the_output() {
     // Off: still predicted and scored, nothing read ahead.
     assert!(rep_off["expert_prediction_precision"].as_f64().unwrap() >= 0.7);
     assert!(rep_off["expert_readahead_used"].is_null(), "{rep_off}");
+    assert!(
+        text.len() > 20 && text == text_off,
+        "{text:?} vs {text_off:?}"
+    );
+}
+
+/// Experts of 34 pages (width 512, expert width 256, Q8_0), a few MiB of
+/// cache for 52 MiB of them: every token evicts, and the evicted experts' pages
+/// are moved to the missing ones (`recycle.rs`). Logits equal the resident
+/// run's, and the sampled text is the one without recycling.
+#[test]
+fn recycled_pages_for_missing_experts_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("wide.gguf");
+    moe_sized(&m, Some("zipf:0.8,corr:0.5"), "512", "256");
+    let rep = check_bit_identical(&m, "8M", "experts");
+    let recycled = rep["expert_pages_recycled"].as_f64().unwrap_or(0.0);
+    assert!(recycled > 0.5, "pages recycled {recycled}: {rep}");
+    let (text, rep) = sampled_run(&m, "8M", &[]);
+    let (text_off, rep_off) = sampled_run(&m, "8M", &[("HYPURA_NO_RECYCLE", "1")]);
+    eprintln!("with: {rep}\nwithout: {rep_off}");
+    assert!(
+        rep["expert_pages_recycled"].as_f64().unwrap_or(0.0) > 0.5,
+        "{rep}"
+    );
+    assert!(rep_off["expert_pages_recycled"].is_null(), "{rep_off}");
     assert!(
         text.len() > 20 && text == text_off,
         "{text:?} vs {text_off:?}"

@@ -585,6 +585,7 @@ impl Session {
             expert_hit_rate: streaming.and_then(|m| m.hit_rate()),
             expert_prediction_precision: streaming.and_then(|m| m.prediction_precision()),
             expert_readahead_used: streaming.and_then(|m| m.prefetch_used_rate()),
+            expert_pages_recycled: streaming.and_then(|m| m.recycled_rate()),
             disk_gbps: streaming
                 .filter(|_| stats.gen_secs > 0.0)
                 .map(|m| m.bytes_read as f64 / 1e9 / stats.gen_secs),

@@ -71,13 +71,15 @@ pub fn report(stderr: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
-/// Streams with `budget` at lookahead 0 and 3 and compares with resident.
-pub fn check_bit_identical(model: &Path, budget: &str, mode: &str) {
+/// Streams with `budget` at lookahead 0 and 3 and compares with resident;
+/// returns the last streaming run's report.
+pub fn check_bit_identical(model: &Path, budget: &str, mode: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let resident = dir.path().join("resident.logits");
     let r = report(&run(model, &resident, &["--mode", "resident"]));
     assert_eq!(r["mode"], "resident");
     let want = std::fs::read(&resident).unwrap();
+    let mut last = serde_json::Value::Null;
     for lookahead in ["0", "3"] {
         let out = dir.path().join(format!("stream{lookahead}.logits"));
         let rep = report(&run(
@@ -107,7 +109,9 @@ pub fn check_bit_identical(model: &Path, budget: &str, mode: &str) {
             "{}: lookahead {lookahead}: logits differ from the resident run",
             model.display()
         );
+        last = rep;
     }
+    last
 }
 
 /// Writes a synthetic model with `hypura gen` (deterministic per seed).

@@ -19,7 +19,6 @@
 //! (one expert of a layer each), so copies to the device run at the pinned
 //! rate; selected experts already in the layer's device slot need nothing.
 
-use std::ffi::c_void;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
@@ -33,6 +32,7 @@ use crate::io::{
 use super::memory::{arena_layout, Mapping};
 use super::metrics::StreamMetrics;
 use super::policy::{self, EvictionPolicy};
+use super::recycle::Recycler;
 use super::upload::GpuPool;
 use super::TensorSpec;
 
@@ -109,6 +109,9 @@ pub(super) struct ExpertCache {
     arena: Option<Mapping>,
     /// Which loaded expert to evict first.
     policy: Box<dyn EvictionPolicy>,
+    /// Evicted experts' pages, moved to the next missing expert's place
+    /// (arena only; `recycle.rs`).
+    recycler: Recycler,
 }
 
 impl ExpertCache {
@@ -128,6 +131,7 @@ impl ExpertCache {
             cache_slot_bytes: 0,
             cache_free: Vec::new(),
             arena: None,
+            recycler: Recycler::off(),
             policy: policy::default_policy(0),
         }
     }
@@ -205,11 +209,18 @@ impl ExpertCache {
             max_n = max_n.max(n);
         }
         let mut n_slots = 0;
+        let mut ranges = 0;
+        let mut max_tensors = 1;
         for l in layers.iter_mut().flatten() {
             l.pending = vec![None; l.n() * l.tensors.len()];
             l.slot_base = n_slots;
             n_slots += l.n();
+            ranges += l.n() * l.tensors.len();
+            max_tensors = max_tensors.max(l.tensors.len());
         }
+        // Donated ranges at most: a load step's evictions (up to twice the
+        // experts of a layer, each a range per tensor), and their splits.
+        let recycler = Recycler::new(ranges, 4 * max_n * max_tensors + 16);
         Ok(ExpertCache {
             layers,
             budget,
@@ -220,6 +231,7 @@ impl ExpertCache {
             tickets: Vec::with_capacity(max_n * 4 + 16),
             arena: Some(arena),
             policy: policy::default_policy(n_slots),
+            recycler,
             ..ExpertCache::none()
         })
     }
@@ -260,8 +272,11 @@ impl ExpertCache {
         self.tickets.len() + pending
     }
 
-    /// The arena (the direct GPU tier wraps it).
-    pub fn arena(&self) -> Option<&Mapping> {
+    /// The arena, for the direct GPU tier to wrap: its pages stay where
+    /// they are from now on (no recycling: the device maps them).
+    pub fn arena_for_device(&mut self) -> Option<&Mapping> {
+        self.recycler.discard();
+        self.recycler = Recycler::off();
         self.arena.as_ref()
     }
 
@@ -427,9 +442,12 @@ impl ExpertCache {
                 // reset: none of it may land in cache memory given to another
                 // expert later, none stays in the reader.
                 let _ = self.collect_layer(layer, io);
+                self.recycler.discard();
                 return Err(err);
             }
         }
+        // Evicted pages no miss took are given back while the reads run.
+        self.recycler.discard();
         let t0 = Instant::now();
         // Every read is collected, failed or not: none may still be writing
         // into the cache when its slot is reused, no read of this layer stays
@@ -503,9 +521,13 @@ impl ExpertCache {
             if self.resident + need > self.budget {
                 break;
             }
-            self.submit_experts(layer, first as usize, run, io, m)?;
+            if let Err(e) = self.submit_experts(layer, first as usize, run, io, m) {
+                self.recycler.discard();
+                return Err(e);
+            }
             m.prefetched += run as u64;
         }
+        self.recycler.discard();
         Ok(())
     }
 
@@ -722,6 +744,19 @@ impl ExpertCache {
             // address, inside the same range.
             let dst = unsafe { addr.sub(slot_offset_for(off)) };
             let cap = slot_len_for(off, len);
+            if self.cache.is_none() {
+                // The pages wholly inside these experts' bytes (boundary
+                // pages may be a neighbour's).
+                let a = (addr as usize).next_multiple_of(ALIGN);
+                let b = (addr as usize + len) & !(ALIGN - 1);
+                let moved = self.recycler.moved;
+                // SAFETY: [a, b) lies inside these experts' place in the
+                // arena: they are empty, so nothing computes on it, and no
+                // read targets it before the one submitted below. Donated
+                // ranges are evicted experts' (see `evict_expert`).
+                unsafe { self.recycler.fill(a, b) };
+                m.recycled_bytes += self.recycler.moved - moved;
+            }
             let req = ReadRequest {
                 file: FileId(0),
                 file_offset: off,
@@ -802,8 +837,9 @@ impl ExpertCache {
             l.cache_slot[e] = u32::MAX;
         }
         for t in l.tensors.iter().filter(|_| self.cache.is_none()) {
-            // Give back the pages wholly inside this expert's bytes; boundary
-            // pages shared with a neighbour stay.
+            // The pages wholly inside this expert's bytes go to the recycler
+            // (moved to the next miss, or given back); boundary pages shared
+            // with a neighbour stay.
             let start = t.base as usize + e * t.expert_bytes;
             let end = start + t.expert_bytes;
             let a = start.next_multiple_of(ALIGN);
@@ -814,10 +850,10 @@ impl ExpertCache {
                 // callback, between computes, and the expert is reloaded before
                 // a later selection uses it) and no read targets (state Loaded,
                 // or Loading with all its reads collected after one failed).
-                // Zero pages replace it.
-                unsafe {
-                    libc::madvise(a as *mut c_void, b - a, libc::MADV_DONTNEED);
-                }
+                // No donated range overlaps it: an expert's pages are donated
+                // once per eviction, and a reload first takes back what of
+                // them is still donated (`Recycler::fill`).
+                unsafe { self.recycler.donate(a, b) };
             }
         }
         l.state[e] = ExpertState::Empty;

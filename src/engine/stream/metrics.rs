@@ -29,6 +29,9 @@ pub struct StreamMetrics {
     /// Experts read ahead on a prediction, and how many of them were picked.
     pub prefetched: u64,
     pub prefetch_used: u64,
+    /// Bytes of evicted experts' pages moved to missing experts (not
+    /// faulted in fresh).
+    pub recycled_bytes: u64,
 }
 
 impl StreamMetrics {
@@ -47,6 +50,7 @@ impl StreamMetrics {
             predicted_used: self.predicted_used - earlier.predicted_used,
             prefetched: self.prefetched - earlier.prefetched,
             prefetch_used: self.prefetch_used - earlier.prefetch_used,
+            recycled_bytes: self.recycled_bytes - earlier.recycled_bytes,
         }
     }
 
@@ -66,6 +70,7 @@ impl StreamMetrics {
             predicted_used: self.predicted_used + o.predicted_used,
             prefetched: self.prefetched + o.prefetched,
             prefetch_used: self.prefetch_used + o.prefetch_used,
+            recycled_bytes: self.recycled_bytes + o.recycled_bytes,
         }
     }
 
@@ -78,6 +83,12 @@ impl StreamMetrics {
     pub fn prefetch_used_rate(&self) -> Option<f64> {
         (self.prefetched > 0).then(|| self.prefetch_used as f64 / self.prefetched as f64)
     }
+    /// Fraction of the bytes read that landed in recycled pages.
+    pub fn recycled_rate(&self) -> Option<f64> {
+        (self.recycled_bytes > 0 && self.bytes_read > 0)
+            .then(|| self.recycled_bytes as f64 / self.bytes_read as f64)
+    }
+
     /// Cross-token expert cache hit rate in [0, 1]: selections served
     /// without a disk read (from the RAM cache or the GPU slot).
     pub fn hit_rate(&self) -> Option<f64> {

@@ -72,6 +72,7 @@ mod memory;
 mod metrics;
 pub mod policy;
 mod pregate;
+mod recycle;
 mod rows;
 pub mod trace;
 mod upload;
@@ -484,7 +485,7 @@ impl Engine {
                             }
                         }
                         _ => {
-                            let arena = e.experts.arena().context("no arena")?;
+                            let arena = e.experts.arena_for_device().context("no arena")?;
                             // SAFETY: the arena belongs to `e.experts`, which is
                             // dropped after `e.gpu` (Engine's field order).
                             unsafe {
