@@ -148,7 +148,7 @@ impl Recycler {
             }
         }
         self.inside.sort_unstable();
-        // Fill the gaps between them from the other donors, last first.
+        // Fill the gaps between them from the other donors (best fit).
         let mut cursor = a;
         let mut pieces = 0;
         for k in 0..=self.inside.len() {
