@@ -27,6 +27,8 @@ use std::io::Read as _;
 
 use crate::io::ALIGN;
 
+use super::memory::Mapping;
+
 /// Pieces smaller than this are given back rather than moved (a move costs
 /// a system call and a TLB flush: worth it for many pages, not for one).
 const MIN_PIECE: usize = 16 * ALIGN;
@@ -258,32 +260,18 @@ unsafe fn move_pages(src: usize, dst: usize, len: usize) -> bool {
 /// Whether `MREMAP_DONTUNMAP` moves a written page of a private anonymous
 /// mapping (Linux 5.7 and later), tried on a mapping of our own.
 fn dontunmap_works() -> bool {
-    let len = 2 * ALIGN;
-    // SAFETY: a fresh private anonymous mapping of our own, unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
+    let Ok(m) = Mapping::read_write(2 * ALIGN, false) else {
         return false;
-    }
-    let a = p as usize;
-    // SAFETY: both pages are ours and writable; nothing else refers to them.
-    let ok = unsafe {
+    };
+    let a = m.base() as usize;
+    // SAFETY: both pages are the mapping's, writable, and nothing else
+    // refers to them (it is unmapped, both pages, when `m` drops).
+    unsafe {
         *(a as *mut u8) = 0x5a;
         move_pages(a, a + ALIGN, ALIGN)
             && *((a + ALIGN) as *const u8) == 0x5a
             && *(a as *const u8) == 0
-    };
-    // SAFETY: the mapping made above.
-    unsafe { libc::munmap(p, len) };
-    ok
+    }
 }
 
 fn read_usize(path: &str) -> Option<usize> {
@@ -308,7 +296,6 @@ fn count_vmas() -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::stream::memory::Mapping;
 
     fn page(m: &Mapping, i: usize) -> usize {
         m.base() as usize + i * ALIGN
