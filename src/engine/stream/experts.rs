@@ -845,14 +845,14 @@ impl ExpertCache {
             let a = start.next_multiple_of(ALIGN);
             let b = end & !(ALIGN - 1);
             if b > a {
+                // No donated range overlaps [a, b): an expert's pages are
+                // donated once per eviction, and a reload first takes back
+                // what of them is still donated (`Recycler::fill`).
                 // SAFETY: [a, b) lies inside the arena and inside this expert's
                 // bytes, which nothing computes on (eviction runs in the eval
-                // callback, between computes, and the expert is reloaded before
-                // a later selection uses it) and no read targets (state Loaded,
+                // callback, between computes; the expert is reloaded before a
+                // later selection uses it) and no read targets (state Loaded,
                 // or Loading with all its reads collected after one failed).
-                // No donated range overlaps it: an expert's pages are donated
-                // once per eviction, and a reload first takes back what of
-                // them is still donated (`Recycler::fill`).
                 unsafe { self.recycler.donate(a, b) };
             }
         }
